@@ -1,0 +1,9 @@
+"""lightning-diffusion: faster-converging diffusion training for PyTorch Lightning."""
+
+__version__ = "0.1.0"
+
+from .core.noise import EDMProcess, VPProcess
+from .core.weighting import MinSNRWeighting, min_snr_weight
+from .module import DiffusionLightningModule
+
+__all__ = ["__version__", "DiffusionLightningModule", "VPProcess", "EDMProcess", "MinSNRWeighting", "min_snr_weight"]

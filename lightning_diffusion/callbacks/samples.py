@@ -1,0 +1,101 @@
+"""SampleGrid: PNG grids of generated images after validation during ``fit`` and for ``predict``."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["SampleGrid", "save_image_grid"]
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_tile: int = 32) -> Path:
+    """Write images in [-1, 1] ([N, C, H, W], C in {1, 3}) as one PNG grid, atomically.
+
+    Small images are enlarged by an integer factor (nearest) so each tile is at least ``min_tile`` px.
+    """
+    images = images.detach().float().cpu().clamp(-1, 1)
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), -1.0)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = images[i]
+    pixels = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: a crash never leaves a truncated PNG behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+class SampleGrid(pl.Callback):
+    """Generate and save a grid of samples after each ``every_n_validations``-th validation, and a
+    grid per batch during ``predict``. Only global rank 0 writes during ``fit``.
+
+    Files go to ``dirpath`` (default ``<log_dir>/samples``): ``step_0002000.png``, ``last.png``,
+    and ``predict_rank0_batch0000.png``.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[SampleGrid(num_samples=64)])
+    """
+
+    def __init__(self, num_samples: int = 100, every_n_validations: int = 1, dirpath: str | None = None,
+                 seed: int = 0) -> None:
+        if num_samples < 1:
+            raise ValueError(f"SampleGrid.num_samples={num_samples} must be >= 1.")
+        if every_n_validations < 1:
+            raise ValueError(f"SampleGrid.every_n_validations={every_n_validations} must be >= 1.")
+        self.num_samples, self.every_n_validations = num_samples, every_n_validations
+        self.dirpath, self.seed = dirpath, seed
+        self._validations = 0
+        self.last_path: Path | None = None
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def _labels(self, pl_module: pl.LightningModule) -> Tensor | None:
+        num_classes = getattr(pl_module, "num_classes", 0)
+        if not num_classes:
+            return None
+        return torch.arange(self.num_samples, device=pl_module.device) % num_classes
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations or not trainer.is_global_zero:
+            return
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        images = pl_module.sample(self.num_samples, class_labels=self._labels(pl_module), generator=generator)
+        directory = self._dir(trainer)
+        save_image_grid(images, directory / f"step_{trainer.global_step:07d}.png")
+        self.last_path = save_image_grid(images, directory / "last.png")
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        path = self._dir(trainer) / f"predict_rank{trainer.global_rank}_batch{batch_idx:04d}.png"
+        self.last_path = save_image_grid(outputs, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict["validations"])

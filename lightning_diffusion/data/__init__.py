@@ -1,0 +1,16 @@
+"""LightningDataModules serving ``(images float32 [B,C,H,W] in [-1,1], labels int64 [B])`` batches."""
+
+from lightning_diffusion.data.arrays import ArrayDataModule
+from lightning_diffusion.data.base import ImageDataModule, InMemoryImages
+from lightning_diffusion.data.cifar import CIFAR10DataModule
+from lightning_diffusion.data.embedded import DigitsDataModule
+from lightning_diffusion.data.folder import ImageFolderDataModule
+
+__all__ = [
+    "ArrayDataModule",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "InMemoryImages",
+]

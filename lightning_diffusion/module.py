@@ -1,0 +1,319 @@
+"""DiffusionLightningModule: a network plus the diffusion math, composed from injectable pieces.
+
+``training_step`` reads top to bottom: draw t -> noise -> target -> forward -> weight -> reduce
+-> log. Every piece (process, prediction, weighting, timestep distribution, target, optimizer,
+scheduler) is a constructor argument that YAML can set with ``class_path``; callbacks replace or
+wrap ``module.timesteps`` and read per-sample losses from the ``outputs`` of ``training_step``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from .clock import images_seen
+from .core.noise import EDMProcess, NoiseProcess, VPProcess
+from .core.precondition import Parametrization
+from .core.targets import RegressionTarget, StandardTarget
+from .core.weighting import ConstantWeighting, LossWeighting
+from .metrics.fd import FrechetDistance
+from .sampling import DiffusionSampler
+from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
+from .validation import level_buckets, validation_losses
+
+__all__ = ["DiffusionLightningModule"]
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _default_timesteps(process: NoiseProcess) -> TimestepDistribution:
+    if isinstance(process, VPProcess):
+        return UniformTimesteps(process.num_timesteps)
+    assert isinstance(process, EDMProcess)
+    return LogNormalSigma(process.P_mean, process.P_std)
+
+
+def _check_timesteps(timesteps: TimestepDistribution, process: NoiseProcess) -> None:
+    if timesteps.discrete != process.discrete:
+        kind = "discrete timesteps" if process.discrete else "continuous sigma"
+        raise ValueError(
+            f"timesteps={type(timesteps).__name__} does not fit {type(process).__name__}, which needs {kind}."
+        )
+    num = getattr(timesteps, "num_timesteps", None)
+    if process.discrete and num is not None and num != process.num_timesteps:
+        raise ValueError(
+            f"timesteps.num_timesteps={num} must equal process.num_timesteps={process.num_timesteps}."
+        )
+
+
+class DiffusionLightningModule(pl.LightningModule):
+    """Train any ``net(x, noise_level, class_labels=None)`` as a diffusion model.
+
+    Args:
+        net: the network; VP processes pass the timestep index (float) as ``noise_level``, EDM
+            passes ``c_noise = ln(sigma)/4`` after EDM preconditioning.
+        process: ``VPProcess`` (default) or ``EDMProcess``.
+        prediction: ``"eps"``, ``"x0"`` or ``"v"`` (EDM: ``"x0"``, the denoiser).
+        weighting: per-sample loss weighting (default: constant, in the prediction's space).
+        timesteps: training-time noise-level distribution (default: uniform t / EDM log-normal).
+        target: regression target (default: the standard one).
+        optimizer, lr_scheduler: callables that build them (``class_path`` in YAML).
+        num_classes: 0 for unconditional; else labels ``0..num_classes-1`` and null label ``num_classes``.
+        label_dropout: probability of replacing a label with the null label (classifier-free guidance).
+        seed: seed of the per-rank, per-step noise streams (resumable: keyed by the step counter).
+        val_levels: size of the fixed noise-level grid of the validation loss.
+        val_seed: seed of the fixed validation noise.
+        compile: wrap the network in ``torch.compile``.
+        sample_steps, sample_solver: defaults of :meth:`sample`.
+        fd_samples: generate this many images (over all ranks) at each validation and log the
+            Frechet distance to the validation images as ``val/fd``; 0 turns it off.
+        fd_feature_net: feature network of the FD (default: the shipped digits classifier).
+
+    Example::
+
+        module = DiffusionLightningModule(UNet(in_channels=1, image_size=8), prediction="v",
+                                          weighting=MinSNRWeighting(gamma=5.0))
+        pl.Trainer(max_steps=1000).fit(module, datamodule=DigitsDataModule())
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: NoiseProcess | None = None,
+        prediction: str = "eps",
+        weighting: LossWeighting | None = None,
+        timesteps: TimestepDistribution | None = None,
+        target: RegressionTarget | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
+        seed: int = 0,
+        val_levels: int = 8,
+        val_seed: int = 1234,
+        compile: bool = False,
+        sample_steps: int = 32,
+        sample_solver: str = "heun",
+        fd_samples: int = 0,
+        fd_feature_net: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        # Keep only plain values: checkpoints must load with torch.load(weights_only=True). Under
+        # LightningCLI every argument arrives as its plain config, so load_from_checkpoint works.
+        with warnings.catch_warnings():  # the nn.Module arguments are dropped right below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
+            del self.hparams[key]
+        self.net = net
+        self.process = process if process is not None else VPProcess()
+        self.param = Parametrization(self.process, prediction)
+        self.prediction = prediction
+        self.weighting = weighting if weighting is not None else ConstantWeighting()
+        self.timesteps = timesteps if timesteps is not None else _default_timesteps(self.process)
+        _check_timesteps(self.timesteps, self.process)
+        self.target = target if target is not None else StandardTarget()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        if num_classes < 0:
+            raise ValueError(f"num_classes={num_classes} must be >= 0 (0 means unconditional).")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout={label_dropout} must be in [0, 1).")
+        if val_levels < 1:
+            raise ValueError(f"val_levels={val_levels} must be >= 1.")
+        self.num_classes, self.label_dropout = num_classes, label_dropout
+        self.seed, self.val_levels, self.val_seed = seed, val_levels, val_seed
+        self.sampler = DiffusionSampler(self.param, sample_steps, sample_solver)
+        self.compile_net = compile
+        if fd_samples < 0:
+            raise ValueError(f"fd_samples={fd_samples} must be >= 0 (0 turns the FD off).")
+        self.fd_samples = fd_samples
+        # Metric states and the frozen feature net stay out of state_dict (see FrechetDistance).
+        self.fd = FrechetDistance(fd_feature_net) if fd_samples else None
+        # Counters restored from checkpoints: they key the random streams and the clock.
+        self.draws = 0
+        self.batch_size_per_device = 0
+        self.image_shape: tuple[int, ...] | None = None
+        self._generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ setup and state
+    def configure_model(self) -> None:
+        # In-place nn.Module.compile keeps state_dict keys unchanged (no "_orig_mod." prefix).
+        if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffusion"] = {
+            "draws": self.draws,
+            "batch_size_per_device": self.batch_size_per_device,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+            "timesteps": self.timesteps.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("diffusion")
+        if state is None:
+            return
+        self.draws = int(state["draws"])
+        self.batch_size_per_device = int(state["batch_size_per_device"])
+        self.image_shape = tuple(state["image_shape"]) if state["image_shape"] else None
+        self.timesteps.load_state_dict(state["timesteps"])
+
+    @property
+    def images_seen(self) -> int:
+        """Images seen globally (the one clock, :func:`lightning_diffusion.clock.images_seen`)."""
+        return images_seen(self.trainer)
+
+    def step_generator(self, device: torch.device, key: int) -> torch.Generator:
+        """A generator seeded from (seed, global rank, key): different per rank, exact on resume."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        rank = self.global_rank if self._trainer is not None else 0
+        # Distinct 63-bit seeds per (seed, rank, key) via a multiplicative hash.
+        mixed = (self.seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB)
+        self._generator.manual_seed(mixed % (2**63 - 1))
+        return self._generator
+
+    # ------------------------------------------------------------------ training
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """Images and (if the module is class-conditional) labels from a batch."""
+        x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if self.num_classes == 0:
+            labels = None
+        if self.image_shape is None:
+            self.image_shape = tuple(x0.shape[1:])
+        return x0, labels
+
+    def drop_labels(self, labels: Tensor | None, generator: torch.Generator) -> Tensor | None:
+        """Replace labels by the null label ``num_classes`` with probability ``label_dropout``."""
+        if labels is None or self.label_dropout == 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def diffusion_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """One training draw: per-sample weighted losses and what produced them."""
+        level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        labels = self.drop_labels(labels, generator)
+        x_noisy = self.process.add_noise(x0, noise, level)
+        with torch.no_grad():
+            target = self.target(self.param, x0, noise, x_noisy, level, labels)
+        output = self.param.predict(self.net, x_noisy, level, labels)
+        mse = (output.float() - target.float()).square().flatten(1).mean(1)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            weight = self.weighting(self.process.snr(level), self.prediction)
+        per_sample = weight * mse
+        loss = (per_sample * importance).mean()
+        return {"loss": loss, "per_sample_loss": per_sample.detach(), "mse": mse.detach(),
+                "level": level, "importance_weight": importance}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x0, labels = self.unpack(batch)
+        self.batch_size_per_device = self.batch_size_per_device or x0.shape[0]
+        generator = self.step_generator(x0.device, self.draws)
+        self.draws += 1
+        out = self.diffusion_loss(x0, labels, generator)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        if self.trainer.log_every_n_steps and self.global_step % self.trainer.log_every_n_steps == 0:
+            self._log_buckets(out["level"], out["per_sample_loss"])
+        return out
+
+    def _log_buckets(self, level: Tensor, per_sample: Tensor, num_buckets: int = 4) -> None:
+        """Loss per noise-level quarter (0 = least noise); runs only on logging steps."""
+        buckets = level_buckets(self.process, level, num_buckets)
+        sums = torch.zeros(num_buckets, device=per_sample.device).index_add_(0, buckets, per_sample.float())
+        counts = torch.bincount(buckets, minlength=num_buckets).tolist()
+        for k, n in enumerate(counts):
+            if n:
+                self.log(f"train/loss_bucket{k}", sums[k] / n)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x0, labels = self.unpack(batch)
+        # Fixed noise, independent of the training streams and of how long training ran.
+        generator = torch.Generator(device=x0.device).manual_seed(
+            self.val_seed * 1_000_003 + batch_idx * 1009 + self.global_rank)
+        losses = validation_losses(self, x0, labels, generator)
+        if self.fd is not None:
+            self.fd.update(x0, real=True)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, sync_dist=True, prog_bar=name == "loss", batch_size=x0.shape[0])
+        return losses
+
+    def on_validation_epoch_start(self) -> None:
+        if self.fd is not None:
+            self.fd.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.fd is None or self.trainer.sanity_checking:
+            return
+        # Every rank generates its share and computes: the metric all-reduces its sums.
+        per_rank = -(-self.fd_samples // self.trainer.world_size)
+        generator = torch.Generator(device=self.device).manual_seed(self.val_seed + 7 * self.global_rank)
+        for start in range(0, per_rank, 256):
+            n = min(256, per_rank - start)
+            labels = None
+            if self.num_classes:
+                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=self.device)
+            self.fd.update(self.sample(n, class_labels=labels, generator=generator), real=False)
+        self.log("val/fd", self.fd.compute(), prog_bar=True, sync_dist=False)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self.validation_step(batch, batch_idx)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        class_labels: Tensor | None = None,
+        num_steps: int | None = None,
+        solver: str | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        """Generate ``num_samples`` images in [-1, 1] (clamped) with the chosen solver."""
+        shape = shape or self.image_shape
+        if shape is None:
+            raise ValueError("sample needs shape=(C, H, W): this module has not seen a batch yet.")
+        if class_labels is not None and self.num_classes == 0:
+            raise ValueError("class_labels were given but num_classes=0 (an unconditional model).")
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.sampler.sample(self.net, num_samples, tuple(shape), self.device, class_labels,
+                                    self.num_classes, num_steps, solver, guidance, generator)
+        finally:
+            self.train(was_training)
+        return x.clamp(-1, 1)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x0, labels = self.unpack(batch)
+        generator = torch.Generator(device=self.device).manual_seed(self.val_seed + batch_idx * 7919 + self.global_rank)
+        return self.sample(x0.shape[0], class_labels=labels, generator=generator)
+

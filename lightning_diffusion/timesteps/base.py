@@ -1,0 +1,90 @@
+"""The training-time distribution over noise levels: the interface every sampler keeps.
+
+A distribution draws a noise level per sample (an integer timestep ``t`` for discrete
+processes, ``sigma`` for continuous ones) plus an importance weight, and may learn from the
+per-sample losses it caused. Samplers that are a fixed density expose its inverse CDF, so a
+curriculum can restrict any of them to a sub-range of noise by drawing ``u`` from a sub-interval
+of ``[0, 1]`` (``u`` increases with noise, so ``[1 - f, 1]`` keeps the noisiest fraction ``f``).
+Pure torch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TimestepDistribution", "InverseCDFDistribution"]
+
+
+class TimestepDistribution:
+    """Protocol: ``sample`` -> (levels, importance weights); ``update`` learns from losses."""
+
+    discrete: bool = True
+
+    def sample(
+        self,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        x0: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``batch_size`` levels on ``device`` and their importance weights (float32, mean 1 in expectation)."""
+        raise NotImplementedError
+
+    def update(self, level: Tensor, per_sample_loss: Tensor) -> None:
+        """Learn from the losses the drawn levels produced (no-op for fixed densities)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state (tensors, numbers) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class InverseCDFDistribution(TimestepDistribution):
+    """A fixed density sampled by inverse CDF on ``u ~ U(u_low, u_high)`` (full support: 0, 1).
+
+    ``u_low``/``u_high`` let a curriculum truncate the density exactly, without rejection.
+    """
+
+    def __init__(self) -> None:
+        self.u_low = 0.0
+        self.u_high = 1.0
+
+    def icdf(self, u: Tensor) -> Tensor:
+        """Map ``u`` in [0, 1] (float64) to a noise level."""
+        raise NotImplementedError
+
+    def cdf(self, level: Tensor) -> Tensor:
+        """The CDF of the full density at ``level`` (float64), the inverse of :meth:`icdf`."""
+        raise NotImplementedError
+
+    def restrict(self, u_low: float, u_high: float) -> None:
+        """Sample only from the CDF range ``[u_low, u_high]`` (renormalized, exact)."""
+        if not 0.0 <= u_low < u_high <= 1.0:
+            raise ValueError(f"restrict needs 0 <= u_low < u_high <= 1; got ({u_low}, {u_high}).")
+        self.u_low, self.u_high = float(u_low), float(u_high)
+
+    def sample(
+        self,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        x0: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+        u = self.u_low + (self.u_high - self.u_low) * u
+        return self.icdf(u), torch.ones(batch_size, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"u_low": self.u_low, "u_high": self.u_high}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.u_low, self.u_high = float(state["u_low"]), float(state["u_high"])
