@@ -66,6 +66,26 @@ class DiffusionCLI(LightningCLI):
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.SampleGrid"))
         trainer.callbacks = callbacks
 
+    def instantiate_classes(self) -> None:
+        # A bad setting (missing data path, image size the network cannot take, gamma <= 0, ...)
+        # is reported as the one sentence that names it, not as a stack trace.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            self.parser.error(str(_root_cause(error)))
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception: jsonargparse wraps ours in "Does not validate against ..." layers."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return error
+
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lightning-diffusion`` (returns nothing: the exit status stays 0)."""

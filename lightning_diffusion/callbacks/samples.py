@@ -64,12 +64,19 @@ class SampleGrid(pl.Callback):
         self.num_samples, self.every_n_validations = num_samples, every_n_validations
         self.dirpath, self.seed = dirpath, seed
         self._validations = 0
+        self._directory: Path | None = None
         self.last_path: Path | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts under DDP: resolve it here, where every rank calls it.
+        self._directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        if not self.dirpath:
+            self._directory = self._directory / "samples"
+
     def _dir(self, trainer: pl.Trainer) -> Path:
-        if self.dirpath:
-            return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if self._directory is None:
+            self.setup(trainer, trainer.lightning_module, "")
+        return self._directory
 
     def _labels(self, pl_module: pl.LightningModule) -> Tensor | None:
         num_classes = getattr(pl_module, "num_classes", 0)

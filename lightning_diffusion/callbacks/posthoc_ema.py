@@ -1,0 +1,190 @@
+"""PostHocEMA: power-function EMA profiles, snapshots for post-hoc reconstruction, EMA validation.
+
+A thin adapter over :mod:`lightning_diffusion.ema` (ALGORITHMS.md 3.4-3.5): the math lives there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from ..clock import images_seen
+from ..ema import PowerFunctionEMA, check_sigma_rel, save_snapshot, snapshot_name, write_manifest
+from ..ema.snapshots import DTYPES, load_manifest
+
+__all__ = ["PostHocEMA"]
+
+
+class PostHocEMA(pl.Callback):
+    """Track power-function EMA profiles of the network and write snapshots for post-hoc EMA.
+
+    Args:
+        sigma_rels: relative widths of the tracked profiles, each in (0, 0.2887).
+        update_every_n_steps: update once every this many optimizer steps (the decay uses the
+            full gap in images, so the profile stays right).
+        snapshot_every_nimg: write every profile to ``dirpath`` each time this many more images
+            were seen; ``None`` writes no snapshots.
+        dirpath: snapshot folder (default ``<trainer.log_dir>/phema``); global rank 0 writes
+            ``phema-<nimg>-<sigma_rel>.pt`` files and ``manifest.json``, atomically.
+        snapshot_dtype: ``"float32"`` or ``"float16"``.
+        validate_with: the profile (index, or one of ``sigma_rels``) swapped into the network for
+            validation and test; ``None`` validates the raw weights.
+        offload_to_cpu: keep the averages in CPU memory.
+
+    The tracked module is ``pl_module.net`` when it exists, else the whole module; snapshot keys
+    are the LightningModule's ``state_dict`` keys (``net.*``). The EMA updates once per optimizer
+    step on every rank (identical tensors everywhere). The swapped-in profile is swapped back in
+    ``on_validation_end`` / ``on_test_end``: after the module's and the other callbacks'
+    ``on_validation_epoch_end`` (so FD and sample grids see the EMA) and before ``ModelCheckpoint``
+    saves (it runs last). An average with no update yet is never swapped in: during ``fit``
+    (sanity check included) validation then runs on the raw weights with a warning; a
+    ``validate``/``test`` run raises, since its numbers would be mislabeled.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[PostHocEMA(sigma_rels=(0.05, 0.10), snapshot_every_nimg=2**20,
+                                                   validate_with=0.10)])
+    """
+
+    def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), update_every_n_steps: int = 1,
+                 snapshot_every_nimg: int | None = None, dirpath: str | None = None,
+                 snapshot_dtype: str = "float32", validate_with: int | float | None = None,
+                 offload_to_cpu: bool = False) -> None:
+        self.sigma_rels = [check_sigma_rel(s, "PostHocEMA.sigma_rels") for s in sigma_rels]
+        if update_every_n_steps < 1:
+            raise ValueError(f"PostHocEMA.update_every_n_steps={update_every_n_steps} must be >= 1.")
+        if snapshot_every_nimg is not None and snapshot_every_nimg < 1:
+            raise ValueError(f"PostHocEMA.snapshot_every_nimg={snapshot_every_nimg} must be >= 1 or None.")
+        if snapshot_dtype not in DTYPES:
+            raise ValueError(f"PostHocEMA.snapshot_dtype={snapshot_dtype!r} must be one of {sorted(DTYPES)}.")
+        self.update_every_n_steps, self.snapshot_every_nimg = update_every_n_steps, snapshot_every_nimg
+        self.dirpath, self.snapshot_dtype, self.offload_to_cpu = dirpath, snapshot_dtype, offload_to_cpu
+        self.validate_index = self._profile_index(validate_with)
+        self.ema: PowerFunctionEMA | None = None
+        self.prefix = ""
+        self._pending: dict[str, Any] | None = None
+        self._directory: Path | None = None
+        self._last_step, self._last_nimg, self._next_snapshot = 0, 0, snapshot_every_nimg or 0
+        self.snapshots: list[dict[str, Any]] = []
+
+    def _profile_index(self, validate_with: int | float | None) -> int | None:
+        if validate_with is None:
+            return None
+        if isinstance(validate_with, int) and 0 <= validate_with < len(self.sigma_rels):
+            return validate_with
+        for i, s in enumerate(self.sigma_rels):
+            if abs(s - float(validate_with)) < 1e-9:
+                return i
+        raise ValueError(f"PostHocEMA.validate_with={validate_with} must be an index below {len(self.sigma_rels)} "
+                         f"or one of sigma_rels={self.sigma_rels}.")
+
+    @property
+    def state_key(self) -> str:
+        return "PostHocEMA"  # independent of the init arguments: a resume may change e.g. validate_with
+
+    # ------------------------------------------------------------------ allocation and state
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.ema is None:
+            target = getattr(pl_module, "net", None)
+            module = target if isinstance(target, nn.Module) else pl_module
+            self.prefix = "net." if module is not pl_module else ""
+            self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
+        if stage == "fit" and self.snapshot_every_nimg:
+            self._dir(trainer)
+
+    def _get_ema(self) -> PowerFunctionEMA:
+        assert self.ema is not None, "PostHocEMA is used before setup"
+        if self._pending is not None:  # restored state, applied at first use (after the device move)
+            self.ema.load_state_dict(self._pending)
+            self._pending = None
+        return self.ema
+
+    def state_dict(self) -> dict[str, Any]:
+        ema = self._get_ema().state_dict() if self.ema is not None else self._pending
+        return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
+                "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict["ema"]
+        self._last_step, self._last_nimg = int(state_dict["last_step"]), int(state_dict["last_nimg"])
+        self._next_snapshot = int(state_dict["next_snapshot_nimg"])
+        self.snapshots = [dict(s) for s in state_dict["snapshots"]]
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step
+            return
+        self._last_step = step
+        if step % self.update_every_n_steps:
+            return
+        nimg = images_seen(trainer)
+        ema = self._get_ema()
+        ema.update(nimg, nimg - self._last_nimg)
+        self._last_nimg = nimg
+        if self.snapshot_every_nimg and nimg >= self._next_snapshot:
+            self._next_snapshot = (nimg // self.snapshot_every_nimg + 1) * self.snapshot_every_nimg
+            self._write_snapshots(trainer, ema, nimg)
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        # Resolved once, in setup on every rank: trainer.log_dir broadcasts under DDP.
+        if self._directory is None:
+            self._directory = Path(self.dirpath) if self.dirpath else (
+                Path(trainer.log_dir or trainer.default_root_dir) / "phema")
+        return self._directory
+
+    def _write_snapshots(self, trainer: pl.Trainer, ema: PowerFunctionEMA, nimg: int) -> None:
+        directory = self._dir(trainer)
+        for i, (sigma_rel, gamma) in enumerate(zip(ema.sigma_rels, ema.gammas)):
+            entry = {"file": snapshot_name(nimg, sigma_rel), "nimg": nimg, "sigma_rel": sigma_rel, "gamma": gamma}
+            self.snapshots.append(entry)  # every rank keeps the same list; rank 0 writes
+            path = directory / entry["file"]
+            if not trainer.is_global_zero:
+                continue
+            if path.exists():  # never rewrite a snapshot (e.g. one written before a crash and resume)
+                rank_zero_info(f"PostHocEMA: keeping existing snapshot {path}")
+                continue
+            state = {self.prefix + k: v for k, v in ema.profile_state_dict(i).items()}
+            save_snapshot(path, state, sigma_rel, gamma, nimg, self.snapshot_dtype)
+        if trainer.is_global_zero:
+            known = {e["file"]: e for e in load_manifest(directory) + self.snapshots}
+            write_manifest(directory, list(known.values()))
+
+    # ------------------------------------------------------------------ validation and test
+    def _swap_in(self, trainer: pl.Trainer) -> None:
+        if self.validate_index is None:
+            return
+        ema = self._get_ema()
+        if ema.num_updates == 0:
+            message = (f"PostHocEMA.validate_with: the sigma_rel={self.sigma_rels[self.validate_index]} average "
+                       "has had no update yet")
+            if trainer.state.fn != "fit":
+                raise RuntimeError(message + "; load a checkpoint that holds PostHocEMA state (--ckpt_path).")
+            if not trainer.sanity_checking:
+                rank_zero_warn(message + "; validating the raw weights.")
+            return
+        ema.swap_in(self.validate_index)
+
+    def _swap_out(self) -> None:
+        if self.ema is not None:
+            self.ema.swap_out()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swap_out()  # never leave averaged weights in the module
