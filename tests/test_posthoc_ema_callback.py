@@ -138,7 +138,7 @@ def test_validation_swaps_in_and_always_back(tmp_path):
 
 
 def test_phema_tool_rebuilds_a_checkpoint_validate_accepts(tmp_path, capsys):
-    from lightning_diffusion.ema.cli import main
+    from lightning_diffusion.phema_tool import main
 
     cb = PostHocEMA(snapshot_every_nimg=2 * BATCH, dirpath=str(tmp_path / "phema"))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)

@@ -42,7 +42,8 @@ class PostHocEMA(pl.Callback):
     ``on_validation_epoch_end`` (so FD and sample grids see the EMA) and before ``ModelCheckpoint``
     saves (it runs last). An average with no update yet is never swapped in: during ``fit``
     (sanity check included) validation then runs on the raw weights with a warning; a
-    ``validate``/``test`` run raises, since its numbers would be mislabeled.
+    ``validate``/``test`` run raises, since its numbers would be mislabeled, unless the checkpoint
+    was written by ``lightning-diffusion-phema rebuild``: it already holds EMA weights, used as they are.
 
     Example::
 
@@ -70,6 +71,7 @@ class PostHocEMA(pl.Callback):
         self._directory: Path | None = None
         self._last_step, self._last_nimg, self._next_snapshot = 0, 0, snapshot_every_nimg or 0
         self.snapshots: list[dict[str, Any]] = []
+        self._rebuilt: dict[str, Any] | None = None
 
     def _profile_index(self, validate_with: int | float | None) -> int | None:
         if validate_with is None:
@@ -107,6 +109,11 @@ class PostHocEMA(pl.Callback):
         ema = self._get_ema().state_dict() if self.ema is not None else self._pending
         return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
                 "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots]}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A checkpoint from ``lightning-diffusion-phema rebuild`` already holds EMA weights.
+        self._rebuilt = checkpoint.get("phema")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ema"]
@@ -158,6 +165,10 @@ class PostHocEMA(pl.Callback):
     # ------------------------------------------------------------------ validation and test
     def _swap_in(self, trainer: pl.Trainer) -> None:
         if self.validate_index is None:
+            return
+        if self._rebuilt is not None and trainer.state.fn != "fit":
+            rank_zero_info(f"PostHocEMA: the checkpoint holds post-hoc EMA weights (sigma_rel="
+                           f"{self._rebuilt['sigma_rel']:.4f}); validating them as they are.")
             return
         ema = self._get_ema()
         if ema.num_updates == 0:
