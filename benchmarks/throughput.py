@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=8, help="digits are 8x8; 16 or 32 upsamples")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the median is reported")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; median and best are reported")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -155,7 +155,7 @@ def run_lightning(args: argparse.Namespace, logs: bool) -> tuple[float, float]:
         trainer = pl.Trainer(
             accelerator=args.device, devices=1, precision=args.precision, max_steps=total,
             callbacks=[timer], default_root_dir=root,
-            logger=True if logs else False,  # True: the default logger a user gets
+            logger=logs,  # True: the default logger a user gets (CSVLogger here, TensorBoard if installed)
             log_every_n_steps=50 if logs else total + 1,
             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
             limit_val_batches=0, num_sanity_val_steps=0)

@@ -237,8 +237,11 @@ class DiffusionLightningModule(pl.LightningModule):
         generator = self.step_generator(x0.device, self.draws)
         self.draws += 1
         out = self.diffusion_loss(x0, labels, generator)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        if self.trainer.log_every_n_steps and self.global_step % self.trainer.log_every_n_steps == 0:
+        # Log only on the steps Lightning writes ((step + 1) % n == 0): no per-step logging cost,
+        # no per-step .item() host sync from the progress bar, and bucket values never stale.
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:
+            self.log("train/loss", out["loss"], prog_bar=True)
             self._log_buckets(out["level"], out["per_sample_loss"])
         return out
 
