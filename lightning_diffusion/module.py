@@ -212,13 +212,10 @@ class DiffusionLightningModule(pl.LightningModule):
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def diffusion_loss(
-        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
-    ) -> dict[str, Tensor]:
-        """One training draw: per-sample weighted losses and what produced them."""
-        level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        labels = self.drop_labels(labels, generator)
+    def weighted_mse(
+        self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """noise -> target -> forward -> weight at given levels: ``(output, x_noisy, mse, weight)``."""
         x_noisy = self.process.add_noise(x0, noise, level)
         with torch.no_grad():
             target = self.target(self.param, x0, noise, x_noisy, level, labels)
@@ -226,6 +223,16 @@ class DiffusionLightningModule(pl.LightningModule):
         mse = (output.float() - target.float()).square().flatten(1).mean(1)
         with torch.autocast(device_type=x0.device.type, enabled=False):
             weight = self.weighting(self.process.snr(level), self.prediction)
+        return output, x_noisy, mse, weight
+
+    def diffusion_loss(
+        self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """One training draw: per-sample weighted losses and what produced them."""
+        level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        labels = self.drop_labels(labels, generator)
+        _, _, mse, weight = self.weighted_mse(x0, noise, level, labels)
         per_sample = weight * mse
         loss = (per_sample * importance).mean()
         return {"loss": loss, "per_sample_loss": per_sample.detach(), "mse": mse.detach(),

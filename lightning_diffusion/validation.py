@@ -38,11 +38,8 @@ def validation_losses(
     for level_value in grid:
         level = level_value.expand(x0.shape[0])
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_noisy = process.add_noise(x0, noise, level)
-        target = module.target(param, x0, noise, x_noisy, level, labels)
-        output = param.predict(module.net, x_noisy, level, labels)
-        mse = (output.float() - target.float()).square().flatten(1).mean(1)
-        loss = loss + (module.weighting(process.snr(level), param.prediction) * mse).mean()
+        output, x_noisy, mse, weight = module.weighted_mse(x0, noise, level, labels)
+        loss = loss + (weight * mse).mean()
         # Clamped to the data range so the near-pure-noise levels do not drown the rest.
         x0_hat = param.to_x0(output.float(), x_noisy.float(), level).clamp(-1, 1)
         mse_x0 = mse_x0 + (x0_hat - x0.float()).square().mean()
