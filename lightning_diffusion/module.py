@@ -28,6 +28,8 @@ from .validation import level_buckets, validation_losses
 
 __all__ = ["DiffusionLightningModule"]
 
+_STANDARD_TARGET = StandardTarget()
+
 
 def _is_plain(value: Any) -> bool:
     if isinstance(value, (str, int, float, bool, type(None))):
@@ -155,6 +157,11 @@ class DiffusionLightningModule(pl.LightningModule):
         if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
             self.net.compile()
 
+    def setup(self, stage: str) -> None:
+        # Targets that need the run (STF's reference stream, DDP gathers) attach to it here.
+        if hasattr(self.target, "setup"):
+            self.target.setup(self)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
         if self.lr_scheduler_factory is None:
@@ -168,6 +175,7 @@ class DiffusionLightningModule(pl.LightningModule):
             "batch_size_per_device": self.batch_size_per_device,
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "timesteps": self.timesteps.state_dict(),
+            "target": self.target.state_dict() if hasattr(self.target, "state_dict") else {},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -178,6 +186,8 @@ class DiffusionLightningModule(pl.LightningModule):
         self.batch_size_per_device = int(state["batch_size_per_device"])
         self.image_shape = tuple(state["image_shape"]) if state["image_shape"] else None
         self.timesteps.load_state_dict(state["timesteps"])
+        if hasattr(self.target, "load_state_dict") and state.get("target"):
+            self.target.load_state_dict(state["target"])
 
     @property
     def images_seen(self) -> int:
@@ -213,12 +223,17 @@ class DiffusionLightningModule(pl.LightningModule):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def weighted_mse(
-        self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None
+        self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None,
+        target: RegressionTarget | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """noise -> target -> forward -> weight at given levels: ``(output, x_noisy, mse, weight)``."""
+        """noise -> target -> forward -> weight at given levels: ``(output, x_noisy, mse, weight)``.
+
+        ``target`` defaults to the standard (per-sample) target, so validation and look-ahead
+        evaluations measure the true objective; training passes ``self.target`` (e.g. STF).
+        """
         x_noisy = self.process.add_noise(x0, noise, level)
         with torch.no_grad():
-            target = self.target(self.param, x0, noise, x_noisy, level, labels)
+            target = (target or _STANDARD_TARGET)(self.param, x0, noise, x_noisy, level, labels)
         output = self.param.predict(self.net, x_noisy, level, labels)
         mse = (output.float() - target.float()).square().flatten(1).mean(1)
         with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -232,7 +247,7 @@ class DiffusionLightningModule(pl.LightningModule):
         level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         labels = self.drop_labels(labels, generator)
-        _, _, mse, weight = self.weighted_mse(x0, noise, level, labels)
+        _, _, mse, weight = self.weighted_mse(x0, noise, level, labels, target=self.target)
         per_sample = weight * mse
         loss = (per_sample * importance).mean()
         return {"loss": loss, "per_sample_loss": per_sample.detach(), "mse": mse.detach(),

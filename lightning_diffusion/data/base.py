@@ -44,6 +44,13 @@ class InMemoryImages(Dataset):
             image = image.float() / 127.5 - 1.0
         return image, self.labels[index]
 
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Items at ``indices`` as one batch, vectorized (Stable Target Field's reference stream)."""
+        images = self.images[indices]
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1.0
+        return images, self.labels[indices]
+
 
 class ImageDataModule(L.LightningDataModule):
     """Base for the package's DataModules: holds images in memory and serves ``(images, labels)`` batches.

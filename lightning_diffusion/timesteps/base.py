@@ -36,6 +36,13 @@ class TimestepDistribution:
     def update(self, level: Tensor, per_sample_loss: Tensor) -> None:
         """Learn from the losses the drawn levels produced (no-op for fixed densities)."""
 
+    def restrict(self, u_low: float, u_high: float) -> None:
+        """Draw only levels whose base-density CDF lies in ``[u_low, u_high]``, renormalized.
+
+        Every distribution a curriculum may wrap implements this (``u`` increases with noise).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be restricted to a noise range.")
+
     def state_dict(self) -> dict[str, Any]:
         """Plain state (tensors, numbers) for checkpoints."""
         return {}
