@@ -1,6 +1,11 @@
 """Lightning callbacks: thin adapters over the pure-torch pieces; they own their checkpoint state."""
 
+from .adaptive_timesteps import AdaptiveTimestepSampling
+from .curriculum import TimestepCurriculum
+from .loss_aware import LossAwareTimestepSampling
 from .posthoc_ema import PostHocEMA
 from .samples import SampleGrid, save_image_grid
+from .wall_clock import WallClock
 
-__all__ = ["PostHocEMA", "SampleGrid", "save_image_grid"]
+__all__ = ["TimestepCurriculum", "PostHocEMA", "SampleGrid", "save_image_grid", "WallClock",
+           "AdaptiveTimestepSampling", "LossAwareTimestepSampling"]

@@ -1,0 +1,46 @@
+"""The convergence study's --quick path at a tiny budget: files, columns and finite numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import convergence  # noqa: E402
+from convergence_report import crossing, summarize  # noqa: E402
+
+
+@pytest.mark.timeout(300)
+def test_quick_study_writes_curves_plot_and_table(tmp_path):
+    out = convergence.main(["--quick", "--arms", "baseline", "min_snr", "--steps", "12", "--eval-every", "6",
+                            "--fd-samples", "32", "--out", str(tmp_path)])
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == convergence.FIELDS
+    assert sorted({(r["arm"], r["step"]) for r in rows}) == [("baseline", "12"), ("baseline", "6"),
+                                                               ("min_snr", "12"), ("min_snr", "6")]
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ("train_seconds", "val_loss", "val_fd"))
+        assert int(r["images"]) == int(r["step"]) * 64
+    assert float(rows[1]["train_seconds"]) > float(rows[0]["train_seconds"]) > 0
+    assert (out / "convergence.png").stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "| baseline |" in table and "| min_snr |" in table and "speed-up (steps)" in table
+
+
+def test_speedup_is_measured_at_the_interpolated_crossing():
+    base = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1} for s, fd in [(100, 50.0), (200, 30.0), (300, 20.0)]]
+    fast = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1} for s, fd in [(100, 40.0), (200, 10.0), (300, 8.0)]]
+    assert crossing(base, 20.0, "step") == 300
+    assert crossing(fast, 20.0, "step") == pytest.approx(100 + 100 * (40 - 20) / 30)
+    assert crossing(base, 5.0, "step") is None
+    rows = {"baseline": {0: base}, "fast": {0: fast}}
+    summary = {r["arm"]: r for r in summarize(rows, {"baseline": "baseline", "fast": "baseline"})}
+    assert summary["fast"]["speedup_step"] == f"{300 / (100 + 100 * 20 / 30):.2f}"
+    assert summary["baseline"]["speedup_step"] == "1.00"
