@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from lightning_diffusion import DiffusionLightningModule
-from lightning_diffusion.cli import DiffusionCLI
 from lightning_diffusion.core.noise import EDMProcess
 from lightning_diffusion.core.targets import StableTargetField
 from lightning_diffusion.core.weighting import EDMWeighting, MinSNRWeighting
@@ -18,8 +16,6 @@ from lightning_diffusion.data import DigitsDataModule
 from lightning_diffusion.validation import validation_losses
 
 from conftest import quiet_trainer, tiny_unet
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stf_module(source="fresh", reference_size=96, **kwargs):
@@ -99,10 +95,3 @@ def test_ddp_gathered_references_are_shared_by_both_ranks(tmp_path):
         assert torch.equal(rec["own"], torch.arange(16) + 16 * r)
         assert torch.equal(rec["images"][rec["own"]], rec["x0"])
 
-
-def test_the_shipped_config_trains(tmp_path):
-    cli = DiffusionCLI(args=["fit", "--config", str(ROOT / "configs" / "stf.yaml"), "--trainer.max_steps=2",
-                             "--trainer.limit_val_batches=1", "--model.init_args.fd_samples=0",
-                             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
-    target = cli.model.target
-    assert isinstance(target, StableTargetField) and target.reference_size == 1024 and target.source.consumed == 2
