@@ -11,6 +11,9 @@ from .base import InverseCDFDistribution
 
 __all__ = ["UniformTimesteps", "UniformSigma"]
 
+# Far above float64 rounding of u * T (~T * 1e-16) and far below one step (1): any T < 1e7 is exact.
+_ROUND_EPS = 1e-9
+
 
 class UniformTimesteps(InverseCDFDistribution):
     """``t ~ U{0, ..., T-1}``, the DDPM default.
@@ -30,7 +33,9 @@ class UniformTimesteps(InverseCDFDistribution):
         self.num_timesteps = num_timesteps
 
     def icdf(self, u: Tensor) -> Tensor:
-        return (u * self.num_timesteps).floor().long().clamp_(0, self.num_timesteps - 1)
+        # + _ROUND_EPS: a boundary u = t/T computed in float64 (e.g. 1 - 0.8 = 0.19999999999999996)
+        # can land a hair below t after * T; floor would then give t - 1 and widen a restricted range.
+        return (u.double() * self.num_timesteps + _ROUND_EPS).floor().long().clamp_(0, self.num_timesteps - 1)
 
     def cdf(self, level: Tensor) -> Tensor:
         return (level.double() + 1) / self.num_timesteps
