@@ -22,6 +22,7 @@ from .core.precondition import Parametrization
 from .core.targets import RegressionTarget, StandardTarget
 from .core.weighting import ConstantWeighting, LossWeighting
 from .metrics.fd import FrechetDistance
+from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
 from .sampling import DiffusionSampler
 from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
 from .validation import level_buckets, validation_losses
@@ -83,6 +84,11 @@ class DiffusionLightningModule(pl.LightningModule):
         fd_samples: generate this many images (over all ranks) at each validation and log the
             Frechet distance to the validation images as ``val/fd``; 0 turns it off.
         fd_feature_net: feature network of the FD (default: the shipped digits classifier).
+        uncertainty: EDM2 learned uncertainty head (e.g. ``UncertaintyHead()``, ALGORITHMS.md 3.2):
+            the training loss becomes ``weight * mse * exp(-u) + u`` per sample, with ``u`` read from
+            :func:`uncertainty_noise_level` in fp32; it trains with the network's optimizer.
+            ``per_sample_loss`` (for callbacks) and ``val/loss`` stay ``weight * mse`` without ``u``,
+            so they compare across runs with and without it.
 
     Example::
 
@@ -111,6 +117,7 @@ class DiffusionLightningModule(pl.LightningModule):
         sample_solver: str = "heun",
         fd_samples: int = 0,
         fd_feature_net: nn.Module | None = None,
+        uncertainty: nn.Module | None = None,
     ) -> None:
         super().__init__()
         # Keep only plain values: checkpoints must load with torch.load(weights_only=True). Under
@@ -121,6 +128,7 @@ class DiffusionLightningModule(pl.LightningModule):
         for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
             del self.hparams[key]
         self.net = net
+        self.uncertainty = uncertainty  # a submodule: self.parameters() hands it to the optimizer
         self.process = process if process is not None else VPProcess()
         self.param = Parametrization(self.process, prediction)
         self.prediction = prediction
@@ -168,6 +176,22 @@ class DiffusionLightningModule(pl.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Forced weight normalization (ALGORITHMS.md 3.1) once per real optimizer step, right after
+        # it (Lightning calls this once per accumulation window). Not in on_before_zero_grad:
+        # Lightning zeroes grads after the forward, and an in-place write to weights the graph
+        # saved would break the backward that follows.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.normalize_weights_()
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """Call ``normalize_weights_()`` of every layer of ``net``/``uncertainty`` that has one (MPConv)."""
+        for root in (self.net, self.uncertainty):
+            for layer in root.modules() if root is not None else ():
+                if hasattr(layer, "normalize_weights_"):
+                    layer.normalize_weights_()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion"] = {
@@ -249,7 +273,12 @@ class DiffusionLightningModule(pl.LightningModule):
         labels = self.drop_labels(labels, generator)
         _, _, mse, weight = self.weighted_mse(x0, noise, level, labels, target=self.target)
         per_sample = weight * mse
-        loss = (per_sample * importance).mean()
+        trained = per_sample
+        if self.uncertainty is not None:
+            with torch.autocast(device_type=x0.device.type, enabled=False):
+                u = self.uncertainty(uncertainty_noise_level(self.process, level)).float()
+            trained = uncertainty_loss(per_sample, u)  # ALGORITHMS.md 3.2
+        loss = (trained * importance).mean()
         return {"loss": loss, "per_sample_loss": per_sample.detach(), "mse": mse.detach(),
                 "level": level, "importance_weight": importance}
 

@@ -1,0 +1,68 @@
+"""EDM2 learning-rate schedule, counted in images (ALGORITHMS.md 3.3).
+
+``lr(nimg) = a_ref / sqrt(max(nimg / ref_images, 1)) * min(nimg / rampup_images, 1)``: constant
+after a linear ramp, then inverse square root decay once ``ref_images`` (EDM2: ``t_ref * batch``,
+70k steps of 2048 images) have been seen. ``a_ref`` is the optimizer's own ``lr``, so YAML sets it
+in one place; the paper pairs it with ``Adam(betas=(0.9, 0.99))`` and no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["edm2_lr_factor", "EDM2LRScheduler"]
+
+
+def edm2_lr_factor(nimg: float, ref_images: float, rampup_images: float) -> float:
+    """``lr / a_ref`` after ``nimg`` images (3.3); ``ref_images = 0`` / ``rampup_images = 0`` turn a part off."""
+    factor = 1.0
+    if ref_images > 0:
+        factor /= math.sqrt(max(nimg / ref_images, 1.0))
+    if rampup_images > 0:
+        factor *= min(nimg / rampup_images, 1.0)
+    return factor
+
+
+class EDM2LRScheduler(LRScheduler):
+    """Per-step scheduler giving each param group ``base_lr * edm2_lr_factor(nimg, ...)``.
+
+    Args:
+        optimizer: the optimizer; its ``lr`` is ``a_ref``.
+        batch_size: images per optimizer step over all ranks
+            (``per-device batch * devices * nodes * accumulate_grad_batches``): the step count is
+            converted to the library's clock with it.
+        ref_images: images after which the rate decays as ``1/sqrt(nimg / ref_images)``
+            (0: no decay).
+        rampup_images: images of the initial linear ramp from 0 (0: no ramp).
+
+    The rate of optimizer step ``k`` (0-based) uses ``nimg = (k + 1) * batch_size``, the images
+    seen once that step is taken, so the first step does not have a zero learning rate.
+
+    Example (YAML, under ``model.init_args``)::
+
+        optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.01, betas: [0.9, 0.99]}}
+        lr_scheduler:
+          class_path: lightning_diffusion.optim.EDM2LRScheduler
+          init_args: {batch_size: 128, ref_images: 256000, rampup_images: 12800}
+    """
+
+    def __init__(self, optimizer: Optimizer, batch_size: int, ref_images: float = 70_000 * 2048,
+                 rampup_images: float = 10_000_000, last_epoch: int = -1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"EDM2LRScheduler.batch_size={batch_size} must be >= 1 (images per optimizer step).")
+        if ref_images < 0 or rampup_images < 0:
+            raise ValueError(
+                f"EDM2LRScheduler.ref_images={ref_images} and rampup_images={rampup_images} must be >= 0."
+            )
+        self.batch_size, self.ref_images, self.rampup_images = batch_size, ref_images, rampup_images
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """``lr / a_ref`` of optimizer step ``step`` (0-based)."""
+        return edm2_lr_factor((step + 1) * self.batch_size, self.ref_images, self.rampup_images)
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
