@@ -1,7 +1,7 @@
 """Convergence study: every technique and the full stack against the baseline, side by side.
 
     python benchmarks/convergence.py --quick          # < 10 min on 2 CPU cores: 1 seed, 300 steps, small UNet
-    python benchmarks/convergence.py                  # full: 3 seeds x 1500 steps, quickstart UNet (see README)
+    python benchmarks/convergence.py                  # full: 3 seeds x 1000 steps, quickstart UNet (see README)
     python benchmarks/convergence.py --arms baseline min_snr --seeds 0 1 2 --steps 1000
     python benchmarks/convergence.py --gpu            # larger UNet and batch on a CUDA device
 
@@ -104,7 +104,7 @@ def run(arm_name: str, seed: int, args: argparse.Namespace) -> list[dict]:
     start = time.perf_counter()
     cli = DiffusionCLI(args=cli_args(ARMS[arm_name], seed, args, run_dir))
     rows = read_curve(Path(cli.trainer.log_dir), arm_name, seed, args.batch_size)
-    if arm_name == "posthoc_ema" and args.sweep:
+    if args.sweep and any(type(c).__name__ == "PostHocEMA" for c in cli.trainer.callbacks):
         rows.append(best_reconstruction(cli, arm_name, seed, args, rows[-1]))
     print(f"{arm_name} seed {seed}: final FD {rows[-1]['val_fd']:.2f}, val loss {rows[-1]['val_loss']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -141,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("extra", nargs="*", help="more CLI overrides for every run, after --")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = dict(seeds=[0] if quick else [0, 1, 2], steps=300 if quick else 1500,
-                    fd_samples=128 if quick else 500, batch_size=64 if quick else 128,
+    defaults = dict(seeds=[0] if quick else [0, 1, 2], steps=300 if quick else 1000,
+                    fd_samples=128 if quick else 256, batch_size=64,
                     model_channels=64 if args.gpu else (16 if quick else 32),
                     sweep=[] if quick else [0.05, 0.08, 0.12, 0.16])
     for key, value in defaults.items():
@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.gpu:
         args.batch_size = max(args.batch_size, 256)
-    args.eval_every = args.eval_every or max(1, args.steps // 6)
+    args.eval_every = args.eval_every or max(1, args.steps // (6 if quick else 10))
     args.accelerator = "gpu" if args.gpu else "cpu"
     available = available_arms()
     args.arms = args.arms or available

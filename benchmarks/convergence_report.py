@@ -1,7 +1,11 @@
 """Tables and plots of a convergence study from its ``curves.csv`` (used by convergence.py and the notebook).
 
+An FD on a few hundred samples moves by several points between evaluations, so every FD curve is
+first smoothed by a trailing mean over ``window`` evaluations (3 by default; 1: raw). "Final FD"
+is the smoothed value at the last evaluation (the mean of the last ``window`` FDs).
+
 Speed-up: the target is the baseline's final FD (mean over seeds). For each run, the steps (and
-training seconds) until its FD first reaches the target, linearly interpolated between
+training seconds) until its smoothed FD first reaches the target, linearly interpolated between
 evaluations; the speed-up is the baseline's median over seeds divided by the arm's. Runs that never
 reach the target count as "not reached" and the speed-up is reported as "< steps_baseline/steps_run".
 """
@@ -15,10 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves; notebooks stay inline
 
 
 def load_curves(path: str | Path) -> dict[str, dict[int, list[dict]]]:
@@ -56,15 +57,24 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str]) -> list[dict[str, Any]]:
+def smoothed(rows: list[dict], window: int) -> list[dict]:
+    """The rows with ``val_fd`` replaced by its trailing mean over ``window`` evaluations."""
+    fds = [r["val_fd"] for r in rows]
+    return [{**r, "val_fd": statistics.fmean(fds[max(0, i + 1 - window): i + 1])} for i, r in enumerate(rows)]
+
+
+def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str],
+              window: int = 3) -> list[dict[str, Any]]:
     """One row per arm: final FD/loss over seeds, speed-ups in steps and wall-clock to the baseline's final FD."""
+    curves = {arm: {seed: smoothed(rows, window) for seed, rows in runs.items()} for arm, runs in curves.items()}
     out = []
     for arm, runs in curves.items():
         base_runs = curves.get(baselines.get(arm, "baseline"), runs)
         target = statistics.fmean(rows[-1]["val_fd"] for rows in base_runs.values())
         row: dict[str, Any] = {"arm": arm, "baseline": baselines.get(arm, "baseline"), "target_fd": target,
                                "final_fd": [rows[-1]["val_fd"] for rows in runs.values()],
-                               "final_loss": [rows[-1]["val_loss"] for rows in runs.values()]}
+                               "final_loss": [rows[-1]["val_loss"] for rows in runs.values()],
+                               "final_mse_x0": [rows[-1]["val_mse_x0"] for rows in runs.values()]}
         for key in ("step", "train_seconds"):
             base = [crossing(rows, target, key) for rows in base_runs.values()]
             mine = [crossing(rows, target, key) for rows in runs.values()]
@@ -82,28 +92,38 @@ def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str
     return out
 
 
-def markdown_table(summary: list[dict[str, Any]], descriptions: dict[str, str]) -> str:
-    lines = ["| arm | what | final FD | final val loss | reached baseline FD | speed-up (steps) | speed-up (wall-clock) |",
+def markdown_table(summary: list[dict[str, Any]], descriptions: dict[str, str], window: int = 3) -> str:
+    final = "final FD" if window == 1 else f"final FD (last {window} evals)"
+    lines = [f"| arm | what | {final} | final x0 MSE | reached baseline FD | speed-up (steps) | speed-up (wall-clock) |",
              "|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['arm']} | {descriptions.get(r['arm'], '')} (vs {r['baseline']}) | {_fmt(r['final_fd'])} "
-                     f"| {_fmt(r['final_loss'], 4)} | {r['reached']} | {r['speedup_step']} | {r['speedup_train_seconds']} |")
+                     f"| {_fmt(r['final_mse_x0'], 4)} | {r['reached']} | {r['speedup_step']} | {r['speedup_train_seconds']} |")
     return "\n".join(lines)
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], path: str | Path) -> None:
-    """FD and validation loss vs steps: mean over seeds, shaded min-max range."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    """FD vs steps, FD vs training wall-clock, x0 MSE vs steps: mean over seeds, shaded min-max range.
+
+    The x0 MSE on the fixed noise grid is comparable across weightings (``val_loss`` carries each
+    arm's own weighting, so Min-SNR's is lower by construction); EDM arms use their own grid.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = (("step", "val_fd"), ("train_seconds", "val_fd"), ("step", "val_mse_x0"))
     for arm, runs in curves.items():
         steps = sorted({r["step"] for rows in runs.values() for r in rows})
-        for ax, key in zip(axes, ("val_fd", "val_loss")):
-            by_step = [[r[key] for rows in runs.values() for r in rows if r["step"] == s] for s in steps]
-            mean = [statistics.fmean(v) for v in by_step]
-            line, = ax.plot(steps, mean, label=arm, lw=2 if "baseline" in arm else 1.3,
-                            ls="--" if "baseline" in arm else "-")
-            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(), alpha=0.15)
+        color = None
+        for ax, (x_key, key) in zip(axes, panels):
+            rows_at = [[r for rows in runs.values() for r in rows if r["step"] == s] for s in steps]
+            xs = [statistics.fmean(r[x_key] for r in rs) for rs in rows_at]
+            ys = [[r[key] for r in rs] for rs in rows_at]
+            line, = ax.plot(xs, [statistics.fmean(v) for v in ys], label=arm, color=color,
+                            lw=2 if "baseline" in arm else 1.3, ls="--" if "baseline" in arm else "-")
+            color = line.get_color()
+            ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=color, alpha=0.12)
     axes[0].set(xlabel="optimizer steps", ylabel="FD (digits features, lower is better)", yscale="log")
-    axes[1].set(xlabel="optimizer steps", ylabel="validation loss (fixed noise grid)", yscale="log")
+    axes[1].set(xlabel="training wall-clock, s (validation excluded)", ylabel="FD", yscale="log")
+    axes[2].set(xlabel="optimizer steps", ylabel="x0 MSE on the fixed noise grid", yscale="log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,13 +16,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from .clock import images_seen
+from .clock import images_per_step, images_seen
 from .core.noise import EDMProcess, NoiseProcess, VPProcess
 from .core.precondition import Parametrization
 from .core.targets import RegressionTarget, StandardTarget
 from .core.weighting import ConstantWeighting, LossWeighting
 from .metrics.fd import FrechetDistance
 from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
+from .optim import EDM2LRScheduler
 from .sampling import DiffusionSampler
 from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
 from .validation import level_buckets, validation_losses
@@ -175,7 +176,24 @@ class DiffusionLightningModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, EDM2LRScheduler) and scheduler.batch_size is None:
+            scheduler.follow_trainer = True  # kept in its state: re-read on resume (on_train_start)
+            scheduler.set_batch_size(self._images_per_step_for("EDM2LRScheduler.batch_size"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _images_per_step_for(self, setting: str) -> int:
+        try:
+            return images_per_step(self.trainer)  # the one clock (DESIGN.md)
+        except RuntimeError as error:
+            raise ValueError(f"{setting} could not be read from the trainer (the DataModule has no batch_size); "
+                             f"give the images per optimizer step over all devices.") from error
+
+    def on_train_start(self) -> None:
+        # A resumed run may use other devices/nodes/accumulation: schedules that follow the
+        # trainer's images per step re-read it after the checkpoint restored their state.
+        for config in self.trainer.lr_scheduler_configs:
+            if getattr(config.scheduler, "follow_trainer", False):
+                config.scheduler.set_batch_size(self._images_per_step_for("EDM2LRScheduler.batch_size"))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # Forced weight normalization (ALGORITHMS.md 3.1) once per real optimizer step, right after

@@ -33,7 +33,11 @@ class EDM2LRScheduler(LRScheduler):
         optimizer: the optimizer; its ``lr`` is ``a_ref``.
         batch_size: images per optimizer step over all ranks
             (``per-device batch * devices * nodes * accumulate_grad_batches``): the step count is
-            converted to the library's clock with it.
+            converted to the library's clock with it. ``None`` (the default): inside a
+            ``DiffusionLightningModule`` it is read from the trainer
+            (:func:`lightning_diffusion.clock.images_per_step`) when the optimizers are configured,
+            so changing devices, nodes or accumulation needs no edit; standalone, call
+            :meth:`set_batch_size` before the first ``step()``.
         ref_images: images after which the rate decays as ``1/sqrt(nimg / ref_images)``
             (0: no decay).
         rampup_images: images of the initial linear ramp from 0 (0: no ramp).
@@ -46,23 +50,41 @@ class EDM2LRScheduler(LRScheduler):
         optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.01, betas: [0.9, 0.99]}}
         lr_scheduler:
           class_path: lightning_diffusion.optim.EDM2LRScheduler
-          init_args: {batch_size: 128, ref_images: 256000, rampup_images: 12800}
+          init_args: {ref_images: 256000, rampup_images: 12800}
     """
 
-    def __init__(self, optimizer: Optimizer, batch_size: int, ref_images: float = 70_000 * 2048,
+    def __init__(self, optimizer: Optimizer, batch_size: int | None = None, ref_images: float = 70_000 * 2048,
                  rampup_images: float = 10_000_000, last_epoch: int = -1) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"EDM2LRScheduler.batch_size={batch_size} must be >= 1 (images per optimizer step).")
         if ref_images < 0 or rampup_images < 0:
             raise ValueError(
                 f"EDM2LRScheduler.ref_images={ref_images} and rampup_images={rampup_images} must be >= 0."
             )
         self.batch_size, self.ref_images, self.rampup_images = batch_size, ref_images, rampup_images
+        self.follow_trainer = False  # True once a DiffusionLightningModule set batch_size from its trainer
+        self._constructed = False
         super().__init__(optimizer, last_epoch)
+        self._constructed = True
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Fix the images per optimizer step and re-apply the current step's rate to the optimizer."""
+        if batch_size < 1:
+            raise ValueError(f"EDM2LRScheduler.batch_size={batch_size} must be >= 1 (images per optimizer step).")
+        self.batch_size = int(batch_size)
+        rates = self.get_lr()
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self._last_lr = rates
 
     def factor(self, step: int) -> float:
         """``lr / a_ref`` of optimizer step ``step`` (0-based)."""
+        if self.batch_size is None:
+            raise RuntimeError("EDM2LRScheduler.batch_size is unset: give it, train inside a "
+                               "DiffusionLightningModule (which sets it from the trainer), or call set_batch_size().")
         return edm2_lr_factor((step + 1) * self.batch_size, self.ref_images, self.rampup_images)
 
     def get_lr(self) -> list[float]:
+        if self.batch_size is None and not self._constructed:  # the constructor's step: rates untouched
+            return [group["lr"] for group in self.optimizer.param_groups]
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import convergence  # noqa: E402
-from convergence_report import crossing, summarize  # noqa: E402
+from convergence_report import crossing, smoothed, summarize  # noqa: E402
 
 
 @pytest.mark.timeout(300)
@@ -35,12 +35,22 @@ def test_quick_study_writes_curves_plot_and_table(tmp_path):
 
 
 def test_speedup_is_measured_at_the_interpolated_crossing():
-    base = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1} for s, fd in [(100, 50.0), (200, 30.0), (300, 20.0)]]
-    fast = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1} for s, fd in [(100, 40.0), (200, 10.0), (300, 8.0)]]
+    base = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1, "val_mse_x0": 0.2} for s, fd in [(100, 50.0), (200, 30.0), (300, 20.0)]]
+    fast = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1, "val_mse_x0": 0.2} for s, fd in [(100, 40.0), (200, 10.0), (300, 8.0)]]
     assert crossing(base, 20.0, "step") == 300
     assert crossing(fast, 20.0, "step") == pytest.approx(100 + 100 * (40 - 20) / 30)
     assert crossing(base, 5.0, "step") is None
     rows = {"baseline": {0: base}, "fast": {0: fast}}
-    summary = {r["arm"]: r for r in summarize(rows, {"baseline": "baseline", "fast": "baseline"})}
+    summary = {r["arm"]: r for r in summarize(rows, {"baseline": "baseline", "fast": "baseline"}, window=1)}
     assert summary["fast"]["speedup_step"] == f"{300 / (100 + 100 * 20 / 30):.2f}"
     assert summary["baseline"]["speedup_step"] == "1.00"
+
+
+def test_fd_is_smoothed_by_a_trailing_mean_before_the_crossing():
+    rows = [{"step": s, "train_seconds": s / 10, "val_fd": fd, "val_loss": 0.1, "val_mse_x0": 0.2}
+            for s, fd in [(100, 60.0), (200, 18.0), (300, 30.0), (400, 12.0)]]
+    assert [r["val_fd"] for r in smoothed(rows, 3)] == pytest.approx([60.0, 39.0, 36.0, 20.0])
+    # A lucky single evaluation (18 at step 200) does not count as reaching 20: the trailing mean does at 400.
+    assert crossing(smoothed(rows, 3), 20.0, "step") == 400
+    summary = summarize({"baseline": {0: rows}}, {"baseline": "baseline"})  # window 3 by default
+    assert summary[0]["final_fd"] == [pytest.approx(20.0)]

@@ -75,3 +75,36 @@ def test_rates_in_a_lightning_run_with_accumulation_follow_the_image_clock():
     # 4 images per micro-batch x 2 micro-batches = 8 images per optimizer step
     expected = [0.01 * edm2_lr_factor(8 * (k + 1), 32, 24) for k in range(5)]
     assert record.rates == pytest.approx(expected)
+
+
+def test_batch_size_follows_the_trainer_when_unset():
+    """No batch_size: the module reads images per step (per-device batch x accumulation) from the trainer."""
+    from lightning_diffusion.data import DigitsDataModule
+
+    record = _RecordLR()
+    module = DiffusionLightningModule(
+        tiny_unet(num_classes=10), num_classes=10, optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+        lr_scheduler=functools.partial(EDM2LRScheduler, ref_images=48, rampup_images=36))
+    quiet_trainer(max_steps=6, accumulate_grad_batches=3, limit_val_batches=0,
+                  callbacks=[record]).fit(module, datamodule=DigitsDataModule(batch_size=4))
+    expected = [0.01 * edm2_lr_factor(12 * (k + 1), 48, 36) for k in range(6)]  # 4 x 3 images per step
+    assert record.rates == pytest.approx(expected)
+    assert module.trainer.lr_scheduler_configs[0].scheduler.batch_size == 12
+
+
+def test_unset_batch_size_outside_a_module_is_a_clear_error():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = EDM2LRScheduler(opt, ref_images=100, rampup_images=0)
+    assert opt.param_groups[0]["lr"] == 1.0  # untouched until the batch size is known
+    opt.step()
+    with pytest.raises(RuntimeError, match="EDM2LRScheduler.batch_size is unset"):
+        sched.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = EDM2LRScheduler(opt, ref_images=100, rampup_images=0)
+    sched.set_batch_size(50)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(2):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates == pytest.approx([1.0, 1.0, 1.0 / math.sqrt(1.5)])  # after 50, 100, 150 images

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,11 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 # Files a notebook writes into its working folder (notebooks not listed must simply run).
-EXPECTED_FILES = {"posthoc_ema.ipynb": ["posthoc_ema_sweep.png", "posthoc_ema_profiles.png", "phema/manifest.json"]}
+EXPECTED_FILES = {
+    "posthoc_ema.ipynb": ["posthoc_ema_sweep.png", "posthoc_ema_profiles.png", "phema/manifest.json"],
+    "timestep_samplers.ipynb": ["curriculum_stages.png", "loss_aware_distribution.png", "samplers_samples.png"],
+    "convergence.ipynb": ["convergence.png", "convergence_by_arm.png"],
+}
 
 
 @pytest.mark.slow
@@ -32,6 +38,16 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     assert not errors
     for name in EXPECTED_FILES.get(path.name, []):
         assert (tmp_path / name).is_file(), f"{path.name} did not write {name}"
+    text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    if path.name == "timestep_samplers.ipynb":  # 60 steps, 4 clusters, 10 steps per stage at most
+        assert "final stage 4 of 4" in text
+        lowest = ast.literal_eval(re.search(r"lowest t drawn in each stage: (\{.*\})", text).group(1))
+        assert sorted(lowest) == [1, 2, 3, 4]
+        for stage, t_min in lowest.items():  # stage s draws only the s noisiest quarters of t = 0..999
+            assert 1000 * (1 - stage / 4) <= t_min < 1000 * (1 - (stage - 1) / 4)
+        weighted, plain = re.search(r"sum_t p_t \* w_t \* L_t = ([\d.]+); mean_t L_t over the sampled range = ([\d.]+)",
+                                    text).groups()
+        assert abs(float(weighted) - float(plain)) <= 1e-6 * max(1.0, float(plain))  # importance weights: unbiased
     if path.name == "posthoc_ema.ipynb":  # the sweep and the profiles are shown inline as well
         images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         assert len(images) == 2
