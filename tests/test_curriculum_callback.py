@@ -153,6 +153,22 @@ def test_composes_with_the_loss_aware_sampler():
     assert check.warm_steps >= 6  # the importance sampler was active inside stages 1-3
 
 
+def test_composes_with_the_adaptive_sampler():
+    """The learned policy's draws are mapped into the stage's support, and it keeps learning there."""
+    from lightning_diffusion.callbacks import AdaptiveTimestepSampling
+    from lightning_diffusion.core.noise import VPProcess
+
+    module = DiffusionLightningModule(tiny_unet(), optimizer=ADAM, process=VPProcess(num_timesteps=100))
+    cb = TimestepCurriculum(num_clusters=4, pacing="fixed", steps_per_stage=4, verbose=False)
+    adaptive = AdaptiveTimestepSampling(update_every=2, subset_size=2, probe_grid=6, show_subset=False)
+    probe = SupportProbe()
+    quiet_trainer(max_steps=16, limit_val_batches=0,
+                  callbacks=[cb, adaptive, probe]).fit(module, _loader(64, 16))
+    assert type(module.timesteps).__name__ == "AdaptiveTimesteps"
+    assert probe.violations == 0 and probe.stages == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    assert adaptive.updates == 8  # a policy update every 2 steps, in every stage
+
+
 class MinSNRCheck(pl.Callback):
     """The reported per-sample loss is still min(SNR, gamma)/SNR * mse (eps-prediction) inside every stage."""
 

@@ -232,7 +232,9 @@ def test_edm2_tiny_config_trains_from_the_cli(tmp_path, monkeypatch):
     assert isinstance(module.net, EDM2UNet) and module.net.num_classes == 10  # linked from the data
     assert isinstance(module.uncertainty, UncertaintyHead)
     lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
-    assert lr == pytest.approx(0.01 * min(5 * 128 / 12800, 1))  # the 5th step's rate, yaml batch_size 128
+    # the 5th step's rate; images per step read from the trainer: data.batch_size 32 x 1 device
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.batch_size == 32
+    assert lr == pytest.approx(0.01 * min(5 * 32 / 12800, 1))
     assert_unit_rms_rows(module.net)
     checkpoint = next(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
     state = torch.load(checkpoint, weights_only=True)["state_dict"]

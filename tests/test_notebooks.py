@@ -17,7 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 # Files a notebook writes into its working folder (notebooks not listed must simply run).
 EXPECTED_FILES = {
     "posthoc_ema.ipynb": ["posthoc_ema_sweep.png", "posthoc_ema_profiles.png", "phema/manifest.json"],
-    "timestep_samplers.ipynb": ["curriculum_stages.png", "loss_aware_distribution.png", "samplers_samples.png"],
+    "quickstart.ipynb": ["curriculum_stages.png", "loss_aware_distribution.png", "samplers_samples.png"],
     "convergence.ipynb": ["convergence.png", "convergence_by_arm.png"],
 }
 
@@ -39,7 +39,7 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     for name in EXPECTED_FILES.get(path.name, []):
         assert (tmp_path / name).is_file(), f"{path.name} did not write {name}"
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
-    if path.name == "timestep_samplers.ipynb":  # 60 steps, 4 clusters, 10 steps per stage at most
+    if path.name == "quickstart.ipynb":  # 60 steps, 4 clusters, 10 steps per stage at most
         assert "final stage 4 of 4" in text
         lowest = ast.literal_eval(re.search(r"lowest t drawn in each stage: (\{.*\})", text).group(1))
         assert sorted(lowest) == [1, 2, 3, 4]
