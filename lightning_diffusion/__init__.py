@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .core.noise import EDMProcess, VPProcess
 from .core.weighting import MinSNRWeighting, min_snr_weight
-from .module import DiffusionLightningModule
+from .module import DiffusionLightningModule, NonFiniteLossError
 
-__all__ = ["__version__", "DiffusionLightningModule", "VPProcess", "EDMProcess", "MinSNRWeighting", "min_snr_weight"]
+__all__ = ["__version__", "DiffusionLightningModule", "NonFiniteLossError", "VPProcess", "EDMProcess", "MinSNRWeighting",
+           "min_snr_weight"]

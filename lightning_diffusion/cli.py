@@ -4,17 +4,25 @@ A :class:`LightningCLI` in subclass mode for both the model and the data. The da
 stated once: ``data.channels``, ``data.image_size`` and ``data.num_classes`` are linked into the
 network's ``in_channels``, ``image_size`` and ``num_classes`` and the module's ``num_classes``.
 Rich progress bar and model summary are on by default; the config is saved next to the logs by
-global rank 0 only.
+global rank 0 only, once the run has passed setup. ``PreemptionCheckpoint`` is on by default:
+SIGUSR1 or SIGTERM saves a checkpoint at the next optimizer step and exits with status 0.
+
+Exit status: 0 done (or preempted and saved), 2 a bad setting (one ``error:`` line, nothing
+written), 1 training diverged (one ``error:`` line naming the step and the last good checkpoint).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .data.base import ImageDataModule
-from .module import DiffusionLightningModule
+from .module import DiffusionLightningModule, NonFiniteLossError
 
 __all__ = ["DiffusionCLI", "main"]
 
@@ -35,7 +43,7 @@ class DiffusionCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", ImageDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault("save_config_callback", SaveConfigAfterSetup)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
@@ -61,6 +69,8 @@ class DiffusionCLI(LightningCLI):
         if trainer.enable_model_summary is not False and not names & {"RichModelSummary", "ModelSummary"}:
             callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichModelSummary",
                                        init_args=Namespace(max_depth=1)))
+        if "PreemptionCheckpoint" not in names:
+            callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.PreemptionCheckpoint"))
         if "SampleGrid" not in names:
             # predict writes PNG grids, fit writes one after each validation
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.SampleGrid"))
@@ -73,6 +83,69 @@ class DiffusionCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as error:
             self.parser.error(str(_root_cause(error)))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A bad setting found in setup (STF reference_size < batch, curriculum clusters > timesteps,
+        # a checkpoint of another model, a net that does not fit the data) is one sentence too, as
+        # long as no step ran; divergence is one sentence naming the step (exit status 1).
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as error:
+            if _any_step_ran(self.trainer):
+                raise
+            _remove_empty_log_dir(self.trainer)
+            self.parser.error(str(_root_cause(error)))
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+
+class SaveConfigAfterSetup(SaveConfigCallback):
+    """Writes ``config.yaml`` once setup passed (at fit/validate/test/predict start), not in ``setup``.
+
+    A setting refused during setup (or a ``--ckpt_path`` of another model) leaves no file behind.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass  # see _save
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, str(trainer.state.fn))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+
+def _any_step_ran(trainer: Trainer | None) -> bool:
+    """Whether any training/evaluation batch started (then a ValueError is a bug: keep its traceback)."""
+    if trainer is None:
+        return False
+    loops: list[Any] = [trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop,
+                        trainer.test_loop, trainer.predict_loop]
+    return any(loop.batch_progress.total.ready for loop in loops)
+
+
+def _remove_empty_log_dir(trainer: Trainer | None) -> None:
+    """Loggers create their version folder in setup; a refused start removes it again if empty."""
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer is not None else None
+    if not log_dir or not trainer.is_global_zero:  # logger.log_dir: no collective, unlike trainer.log_dir
+        return
+    folder = log_dir
+    for _ in range(2):  # version_N, then lightning_logs
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -8,6 +8,7 @@ wrap ``module.timesteps`` and read per-sample losses from the ``outputs`` of ``t
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -28,9 +29,14 @@ from .sampling import DiffusionSampler
 from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
 from .validation import level_buckets, validation_losses
 
-__all__ = ["DiffusionLightningModule"]
+__all__ = ["DiffusionLightningModule", "NonFiniteLossError"]
 
 _STANDARD_TARGET = StandardTarget()
+_NEVER = 2**62  # "no non-finite step seen" in the on-device record of the first bad step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (a non-finite loss or weights); raised before a checkpoint of it is written."""
 
 
 def _is_plain(value: Any) -> bool:
@@ -63,6 +69,54 @@ def _check_timesteps(timesteps: TimestepDistribution, process: NoiseProcess) -> 
         )
 
 
+def _last_checkpoint(trainer: pl.Trainer) -> str:
+    """The newest checkpoint file this run's checkpoint callbacks wrote, or 'none saved yet'."""
+    paths = [getattr(cb, "_last_checkpoint_saved", "") for cb in trainer.checkpoint_callbacks]
+    paths = [p for p in paths if p and os.path.isfile(p)]
+    return repr(str(max(paths, key=os.path.getmtime))) if paths else "none saved yet"
+
+
+def _check_data_fits_net(net: nn.Module, datamodule: Any) -> None:
+    """A network given explicitly (not linked by the CLI) must take the data's channels and size."""
+    for net_name, data_name in (("in_channels", "channels"), ("image_size", "image_size")):
+        want, have = getattr(datamodule, data_name, None), getattr(net, net_name, None)
+        if isinstance(want, int) and isinstance(have, int) and want != have:
+            raise ValueError(
+                f"{type(net).__name__}.{net_name}={have} does not match {type(datamodule).__name__}.{data_name}="
+                f"{want}; use {net_name}={want} (the CLI links it from data.{data_name}).")
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): config}
+
+
+def _check_checkpoint_fits(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse, in one sentence, a checkpoint whose tensors do not fit the model (another config)."""
+    saved = checkpoint.get("state_dict")
+    if saved is None:
+        return
+    own = module.state_dict()
+    wrong_shape = sorted(k for k in set(saved) & set(own) if tuple(saved[k].shape) != tuple(own[k].shape))
+    unmatched = sorted(k for k in set(saved) ^ set(own) if not k.startswith("fd."))  # FD states stay out
+    if not wrong_shape and not unmatched:
+        return
+    before, now = _flat(dict(checkpoint.get("hyper_parameters") or {})), _flat(dict(module.hparams))
+    differ = [f"{k}={before[k]!r} in the checkpoint but {now[k]!r} now"
+              for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    if differ:
+        reason = ", ".join(differ)
+    elif wrong_shape:
+        k = wrong_shape[0]
+        reason = f"tensor {k!r} has shape {list(saved[k].shape)} in the checkpoint but {list(own[k].shape)} here"
+    else:
+        k = unmatched[0]
+        reason = f"tensor {k!r} is {'only in the checkpoint' if k in saved else 'not in the checkpoint'}"
+    raise ValueError(f"--ckpt_path: the checkpoint does not match the model ({reason}); resume with the "
+                     f"checkpoint's settings or start a new run without ckpt_path.")
+
+
 class DiffusionLightningModule(pl.LightningModule):
     """Train any ``net(x, noise_level, class_labels=None)`` as a diffusion model.
 
@@ -90,6 +144,11 @@ class DiffusionLightningModule(pl.LightningModule):
             :func:`uncertainty_noise_level` in fp32; it trains with the network's optimizer.
             ``per_sample_loss`` (for callbacks) and ``val/loss`` stay ``weight * mse`` without ``u``,
             so they compare across runs with and without it.
+        check_finite: stop with :class:`NonFiniteLossError` (naming the optimizer step and the last
+            good checkpoint) once the training loss or the weights are nan/inf, and never write a
+            checkpoint of non-finite weights. The loss is recorded on the device every step (no host
+            sync) and read on logging steps, before each checkpoint and before each validation.
+            Under ``16-mixed`` precision only the weights count (the grad scaler skips inf steps).
 
     Example::
 
@@ -119,6 +178,7 @@ class DiffusionLightningModule(pl.LightningModule):
         fd_samples: int = 0,
         fd_feature_net: nn.Module | None = None,
         uncertainty: nn.Module | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         # Keep only plain values: checkpoints must load with torch.load(weights_only=True). Under
@@ -159,6 +219,8 @@ class DiffusionLightningModule(pl.LightningModule):
         self.batch_size_per_device = 0
         self.image_shape: tuple[int, ...] | None = None
         self._generator: torch.Generator | None = None
+        self.check_finite = check_finite
+        self._first_nonfinite: Tensor | None = None  # on device: first optimizer step with a bad loss
 
     # ------------------------------------------------------------------ setup and state
     def configure_model(self) -> None:
@@ -167,6 +229,7 @@ class DiffusionLightningModule(pl.LightningModule):
             self.net.compile()
 
     def setup(self, stage: str) -> None:
+        _check_data_fits_net(self.net, getattr(self._trainer, "datamodule", None) if self._trainer else None)
         # Targets that need the run (STF's reference stream, DDP gathers) attach to it here.
         if hasattr(self.target, "setup"):
             self.target.setup(self)
@@ -189,6 +252,7 @@ class DiffusionLightningModule(pl.LightningModule):
                              f"give the images per optimizer step over all devices.") from error
 
     def on_train_start(self) -> None:
+        self._first_nonfinite = None  # a new fit (e.g. with a lower learning rate) starts clean
         # A resumed run may use other devices/nodes/accumulation: schedules that follow the
         # trainer's images per step re-read it after the checkpoint restored their state.
         for config in self.trainer.lr_scheduler_configs:
@@ -212,6 +276,9 @@ class DiffusionLightningModule(pl.LightningModule):
                     layer.normalize_weights_()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called while the checkpoint is assembled, before any byte is written: raising here keeps
+        # every checkpoint of the run finite (ModelCheckpoint included).
+        self._stop_if_nonfinite(weights=True)
         checkpoint["diffusion"] = {
             "draws": self.draws,
             "batch_size_per_device": self.batch_size_per_device,
@@ -221,6 +288,11 @@ class DiffusionLightningModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A Trainer restore (--ckpt_path) calls this before loading the weights: a checkpoint of
+        # another model is one sentence, not a list of every mismatched tensor. load_from_checkpoint
+        # (no trainer, maybe strict=False on purpose) and strict_loading=False are left alone.
+        if self._trainer is not None and self.strict_loading:
+            _check_checkpoint_fits(self, checkpoint)
         state = checkpoint.get("diffusion")
         if state is None:
             return
@@ -306,13 +378,53 @@ class DiffusionLightningModule(pl.LightningModule):
         generator = self.step_generator(x0.device, self.draws)
         self.draws += 1
         out = self.diffusion_loss(x0, labels, generator)
+        self._record_nonfinite(out["loss"])
         # Log only on the steps Lightning writes ((step + 1) % n == 0): no per-step logging cost,
         # no per-step .item() host sync from the progress bar, and bucket values never stale.
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
+            self._stop_if_nonfinite(weights=False)  # Lightning syncs on these steps anyway
             self.log("train/loss", out["loss"], prog_bar=True)
             self._log_buckets(out["level"], out["per_sample_loss"])
         return out
+
+    # ------------------------------------------------------------------ divergence guard
+    def _record_nonfinite(self, loss: Tensor) -> None:
+        """Keep the first optimizer step with a nan/inf loss in a device tensor: no host sync."""
+        if not self.check_finite or self.trainer.precision == "16-mixed":
+            return
+        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), _NEVER, dtype=torch.long, device=loss.device)
+        bad = (~torch.isfinite(loss.detach())).long()
+        step = self.global_step + 1  # the optimizer step this loss feeds
+        torch.minimum(self._first_nonfinite, _NEVER - bad * (_NEVER - step), out=self._first_nonfinite)
+
+    def _stop_if_nonfinite(self, weights: bool) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss (or, with ``weights``, a weight) is nan/inf.
+
+        One host sync; under DDP one all-reduce (min), reached by every rank at the same step (logging
+        steps, checkpoint saves and validations are the same on every rank), so all ranks stop.
+        """
+        if not self.check_finite or self._trainer is None:
+            return
+        first = self._first_nonfinite
+        if first is None:
+            first = torch.full((), _NEVER, dtype=torch.long, device=self.device)
+        if weights:
+            finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+            now = torch.tensor(self.global_step, device=first.device)  # the update that made them
+            first = torch.where(finite, first, torch.minimum(first, now))
+        if self.trainer.world_size > 1:
+            first = self.trainer.strategy.reduce(first, reduce_op="min")
+        step = int(first.item())
+        if step == _NEVER:
+            return
+        last_good = _last_checkpoint(self.trainer)
+        raise NonFiniteLossError(
+            f"DiffusionLightningModule: the training loss or weights became non-finite (nan/inf) at optimizer "
+            f"step {step}, so training stopped without saving it (last good checkpoint: {last_good}); "
+            f"use a lower learning rate or gradient clipping (trainer.gradient_clip_val), or check_finite=false "
+            f"to train on.")
 
     def _log_buckets(self, level: Tensor, per_sample: Tensor, num_buckets: int = 4) -> None:
         """Loss per noise-level quarter (0 = least noise); runs only on logging steps."""
@@ -337,6 +449,8 @@ class DiffusionLightningModule(pl.LightningModule):
         return losses
 
     def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._stop_if_nonfinite(weights=True)  # no sampling and FD from nan weights
         if self.fd is not None:
             self.fd.reset()
 

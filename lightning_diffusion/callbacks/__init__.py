@@ -4,8 +4,9 @@ from .adaptive_timesteps import AdaptiveTimestepSampling
 from .curriculum import TimestepCurriculum
 from .loss_aware import LossAwareTimestepSampling
 from .posthoc_ema import PostHocEMA
+from .preemption import PreemptionCheckpoint
 from .samples import SampleGrid, save_image_grid
 from .wall_clock import WallClock
 
 __all__ = ["TimestepCurriculum", "PostHocEMA", "SampleGrid", "save_image_grid", "WallClock",
-           "AdaptiveTimestepSampling", "LossAwareTimestepSampling"]
+           "AdaptiveTimestepSampling", "LossAwareTimestepSampling", "PreemptionCheckpoint"]
