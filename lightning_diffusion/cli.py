@@ -6,6 +6,8 @@ network's ``in_channels``, ``image_size`` and ``num_classes`` and the module's `
 Rich progress bar and model summary are on by default; the config is saved next to the logs by
 global rank 0 only, once the run has passed setup. ``PreemptionCheckpoint`` is on by default:
 SIGUSR1 or SIGTERM saves a checkpoint at the next optimizer step and exits with status 0.
+Checkpoints are written atomically by ``AtomicCheckpointIO`` unless ``trainer.plugins`` or the
+strategy names another CheckpointIO (or the accelerator is a TPU, which saves through XLA's).
 
 Exit status: 0 done (or preempted and saved), 2 a bad setting (one ``error:`` line, nothing
 written), 1 training diverged (one ``error:`` line naming the step and the last good checkpoint).
@@ -13,11 +15,13 @@ written), 1 training diverged (one ``error:`` line naming the step and the last 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -75,6 +79,12 @@ class DiffusionCLI(LightningCLI):
             # predict writes PNG grids, fit writes one after each validation
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.SampleGrid"))
         trainer.callbacks = callbacks
+        accelerator = str(trainer.get("accelerator", "")).lower()
+        # XLA saves through its own CheckpointIO (xm.save): leave TPU runs to Lightning's default.
+        if not _checkpoint_io_configured(trainer) and "tpu" not in accelerator and "xla" not in accelerator:
+            plugins = trainer.plugins if isinstance(trainer.plugins, list) else \
+                [p for p in (trainer.plugins,) if p is not None]
+            trainer.plugins = plugins + [Namespace(class_path="lightning_diffusion.checkpoint_io.AtomicCheckpointIO")]
 
     def instantiate_classes(self) -> None:
         # A bad setting (missing data path, image size the network cannot take, gamma <= 0, ...)
@@ -123,6 +133,23 @@ class SaveConfigAfterSetup(SaveConfigCallback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save(trainer, pl_module)
+
+
+def _checkpoint_io_configured(trainer: Namespace) -> bool:
+    """Whether the user chose a CheckpointIO (in ``trainer.plugins`` or the strategy's ``checkpoint_io``)."""
+    plugins = trainer.plugins if isinstance(trainer.plugins, list) else [trainer.plugins]
+    strategy = trainer.strategy
+    if isinstance(strategy, Namespace) and (strategy.get("init_args") or {}).get("checkpoint_io") is not None:
+        return True
+    if getattr(strategy, "_checkpoint_io", None) is not None:
+        return True
+    for plugin in plugins:
+        if isinstance(plugin, Namespace):
+            module, _, name = plugin.class_path.rpartition(".")
+            plugin = getattr(importlib.import_module(module), name, None)
+        if isinstance(plugin, CheckpointIO) or (isinstance(plugin, type) and issubclass(plugin, CheckpointIO)):
+            return True
+    return False
 
 
 def _any_step_ran(trainer: Trainer | None) -> bool:

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import torch
 
 from .ema import check_sigma_rel, list_snapshots, reconstruct, sigma_rel_to_gamma
-from .ema.snapshots import _atomic_write
+from .io import atomic_write
 
 __all__ = ["main", "find_snapshot_dir", "newest_checkpoint", "rebuild_checkpoint", "rebuild", "sweep"]
 
@@ -87,7 +88,7 @@ def rebuild(run_dir: str | Path, sigma_rels: Sequence[float], nimg: int | None =
             path = out_dir / f"phema-{nimg:012d}-{sigma_rel:.4f}.ckpt"
         else:  # no training checkpoint: plain weights for load_state_dict
             payload, path = weights, out_dir / f"weights-{nimg:012d}-{sigma_rel:.4f}.pt"
-        _atomic_write(path, lambda tmp, p=payload: torch.save(p, tmp))
+        atomic_write(path, lambda f, p=payload: torch.save(p, f))
         paths.append(path)
     return paths
 
@@ -146,12 +147,14 @@ def _saved_config(run_dir: str | Path) -> str:
 def _write_csv(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
     fields = ["sigma_rel", "gamma", metric, "best", "checkpoint"]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows({k: r[k] for k in fields} for r in rows)
-    _atomic_write(path, write)
+    def write(f: BinaryIO) -> None:
+        text = io.TextIOWrapper(f, newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in fields} for r in rows)
+        text.flush()
+        text.detach()  # atomic_write closes f
+    atomic_write(path, write)
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
@@ -166,7 +169,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
             ax.legend()
     ax.set(xlabel="sigma_rel", ylabel=metric, title=f"post-hoc EMA sweep at nimg={_nimg(rows)}")
     ax.grid(alpha=0.3)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _nimg(rows: list[dict[str, Any]]) -> str:

@@ -73,6 +73,7 @@ class DigestCallback(pl.Callback):
             "timesteps_type": type(pl_module.timesteps).__name__,
             "timesteps": digest(pl_module.timesteps.state_dict()),
             "warm_steps": self.warm_steps,
+            "checkpoint_io": type(trainer.strategy.checkpoint_io).__name__,
         }
         for callback in trainer.callbacks:
             if isinstance(callback, PostHocEMA) and callback.ema is not None:

@@ -116,6 +116,8 @@ def _check_run(tmp_path: Path) -> dict:
     assert len(list(tmp_path.rglob("config.yaml"))) == 1 and (log_dir / "config.yaml").is_file()
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and checkpoints[0].parent == log_dir / "checkpoints"
+    assert rank0["checkpoint_io"] == rank1["checkpoint_io"] == "AtomicCheckpointIO"  # the CLI's default
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # atomic writes left no temp file
     assert len(list(tmp_path.rglob("checkpoints"))) == 1
 
     # Snapshots: each written once, by rank 0, into one folder; the manifest lists each once.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,8 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image
 from torch import Tensor
+
+from ..io import atomic_write
 
 __all__ = ["SampleGrid", "save_image_grid"]
 
@@ -33,14 +33,8 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, m
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     scale = max(1, math.ceil(min_tile / max(h, w)))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # temp file + rename: a crash never leaves a truncated PNG behind
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 class SampleGrid(pl.Callback):

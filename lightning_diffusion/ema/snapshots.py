@@ -1,22 +1,21 @@
 """EMA snapshot files and post-hoc reconstruction from them (ALGORITHMS.md 3.4, 3.5).
 
 A snapshot is a plain dict ``{"sigma_rel", "gamma", "nimg", "state_dict", "dtype"}`` written with
-``torch.save`` to a temp file and ``os.replace`` (atomic), and read back only with
-``torch.load(weights_only=True)``: a crafted file cannot run code, it is refused.
+``torch.save`` through :func:`lightning_diffusion.io.atomic_write` (temp file, fsync, rename), and
+read back only with ``torch.load(weights_only=True)``: a crafted file cannot run code, it is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from .profiles import check_sigma_rel, solve_posthoc_coefficients
 
 __all__ = ["snapshot_name", "save_snapshot", "load_snapshot", "write_manifest", "load_manifest", "list_snapshots",
@@ -31,19 +30,6 @@ def snapshot_name(nimg: int, sigma_rel: float) -> str:
     return f"phema-{int(nimg):012d}-{sigma_rel:.4f}.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_snapshot(path: str | Path, state_dict: dict[str, Tensor], sigma_rel: float, gamma: float, nimg: int,
                   dtype: str = "float32") -> Path:
     """Write one profile atomically; floating tensors are stored in ``dtype`` ("float32" or "float16")."""
@@ -54,8 +40,7 @@ def save_snapshot(path: str | Path, state_dict: dict[str, Tensor], sigma_rel: fl
     payload = {"sigma_rel": float(sigma_rel), "gamma": float(gamma), "nimg": int(nimg),
                "state_dict": tensors, "dtype": dtype}
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_snapshot(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -75,8 +60,7 @@ def write_manifest(directory: str | Path, entries: list[dict[str, Any]]) -> Path
     """``manifest.json``: one entry per snapshot ``{"file", "nimg", "sigma_rel", "gamma"}``, atomic."""
     path = Path(directory) / MANIFEST
     text = json.dumps({"snapshots": sorted(entries, key=lambda e: (e["nimg"], e["sigma_rel"]))}, indent=1)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_manifest(directory: str | Path) -> list[dict[str, Any]]:

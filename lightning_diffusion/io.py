@@ -1,0 +1,92 @@
+"""Atomic file writes (DESIGN.md "Nothing lost"): stdlib only, so every layer may use it.
+
+:func:`atomic_write` writes to ``.<name>.tmp-<pid>`` in the target's folder, flushes and fsyncs
+it, then ``os.replace``-s it onto the target: a reader sees the previous file or the new one,
+never a truncated one. On an exception the temp file is removed and the exception re-raised. A
+process killed mid-write (SIGKILL, power loss) can leave its temp file behind; the next write to
+the same folder removes temp files of processes no longer alive on this host. Temp names start
+with a dot and do not end in the target's suffix, so globs such as ``*.ckpt`` never list them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+__all__ = ["atomic_write", "temp_path", "remove_stale_temps"]
+
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temp file :func:`atomic_write` uses for ``path`` in this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` files in ``folder`` left by processes no longer alive; returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not _alive(int(match.group(1))):
+            try:
+                os.remove(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(f)`` on a binary file open at a temp name beside ``path``, fsync, rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable where the OS allows it (not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
