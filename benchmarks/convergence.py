@@ -98,13 +98,14 @@ def read_curve(log_dir: Path, arm: str, seed: int, batch_size: int) -> list[dict
 
 
 def run(arm_name: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    from lightning_diffusion.callbacks import PostHocEMA
     from lightning_diffusion.cli import DiffusionCLI
 
     run_dir = Path(args.out) / "runs" / f"{arm_name}-seed{seed}"
     start = time.perf_counter()
     cli = DiffusionCLI(args=cli_args(ARMS[arm_name], seed, args, run_dir))
     rows = read_curve(Path(cli.trainer.log_dir), arm_name, seed, args.batch_size)
-    if args.sweep and any(type(c).__name__ == "PostHocEMA" for c in cli.trainer.callbacks):
+    if args.sweep and any(isinstance(c, PostHocEMA) for c in cli.trainer.callbacks):
         rows.append(best_reconstruction(cli, arm_name, seed, args, rows[-1]))
     print(f"{arm_name} seed {seed}: final FD {rows[-1]['val_fd']:.2f}, val loss {rows[-1]['val_loss']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
+from conftest import gen, quiet_trainer
 from lightning_diffusion import DiffusionLightningModule
 from lightning_diffusion.callbacks import AdaptiveTimestepSampling, LossAwareTimestepSampling
 from lightning_diffusion.core.noise import EDMProcess
@@ -30,16 +30,8 @@ ADAM = functools.partial(torch.optim.Adam, lr=2e-3)
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()  # see test_posthoc_ema_callback: 2 threads spin on a busy machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def images(n: int = 64, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:

@@ -10,15 +10,13 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import gen
 from lightning_diffusion.core.noise import EDMProcess, VPProcess
 from lightning_diffusion.timesteps import LogNormalSigma, UniformSigma, UniformTimesteps
 from lightning_diffusion.timesteps.curriculum import (
     FixedPacer, PatiencePacer, cluster_bounds, discrete_bounds, log_snr_discrete_bounds, stage_support,
 )
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def ks_distance(samples: torch.Tensor, cdf) -> float:

@@ -23,13 +23,7 @@ ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny steps run much faster with one intra-op thread on this shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scripted_loss(step: int, rank: int) -> float:

@@ -10,7 +10,7 @@ import torch
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
-from conftest import quiet_trainer
+from conftest import assert_fit_lowers_val_loss
 from lightning_diffusion import DiffusionLightningModule, EDMProcess
 from lightning_diffusion.cli import DiffusionCLI
 from lightning_diffusion.core.precondition import Parametrization, edm_coefficients
@@ -18,13 +18,12 @@ from lightning_diffusion.core.weighting import EDMWeighting
 from lightning_diffusion.networks import DIT_SIZES, DiT
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 0) -> DiT:
@@ -114,11 +113,7 @@ def test_forward_backward_under_bf16_autocast_and_compile_in_one_graph():
 def test_short_training_run_lowers_validation_loss(digits):
     module = DiffusionLightningModule(tiny(), process=EDMProcess(), prediction="x0", weighting=EDMWeighting(),
                                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0))
-    trainer = quiet_trainer(max_steps=120, limit_val_batches=2)
-    before = trainer.validate(module, digits, verbose=False)[0]["val/loss"]
-    trainer.fit(module, digits)
-    after = trainer.validate(module, digits, verbose=False)[0]["val/loss"]
-    assert after < 0.6 * before, (before, after)
+    assert_fit_lowers_val_loss(module, digits, steps=120, factor=0.6)
 
 
 ROOT = Path(__file__).resolve().parents[1]

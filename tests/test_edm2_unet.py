@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
+from conftest import assert_fit_lowers_val_loss, quiet_trainer
 from lightning_diffusion import DiffusionLightningModule, EDMProcess
 from lightning_diffusion.cli import DiffusionCLI
 from lightning_diffusion.core.precondition import Parametrization, edm_coefficients
@@ -21,14 +21,12 @@ from lightning_diffusion.networks.mp import mp_silu
 from lightning_diffusion.optim import EDM2LRScheduler
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # A busy neighbour on this shared 2-core machine makes 2 intra-op threads spin (see test_posthoc_ema_callback).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_classes: int = 0, **kwargs) -> EDM2UNet:
@@ -210,11 +208,7 @@ def test_ddp_ranks_keep_identical_unit_rms_weights(tmp_path):
 def test_short_training_run_with_uncertainty_and_edm2_lr_lowers_validation_loss(digits):
     module = edm_module(uncertainty=UncertaintyHead(), lr_scheduler=functools.partial(
         EDM2LRScheduler, batch_size=64, ref_images=64 * 100, rampup_images=64 * 20))
-    trainer = quiet_trainer(max_steps=120, limit_val_batches=2)
-    before = trainer.validate(module, digits, verbose=False)[0]["val/loss"]
-    trainer.fit(module, digits)
-    after = trainer.validate(module, digits, verbose=False)[0]["val/loss"]
-    assert after < 0.6 * before, (before, after)
+    assert_fit_lowers_val_loss(module, digits, steps=120, factor=0.6)
 
 
 ROOT = Path(__file__).resolve().parents[1]

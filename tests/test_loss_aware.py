@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy import stats
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import quiet_trainer, tiny_unet
+from conftest import gen, quiet_trainer, tiny_unet
 from lightning_diffusion import DiffusionLightningModule
 from lightning_diffusion.callbacks import LossAwareTimestepSampling
 from lightning_diffusion.core.noise import EDMProcess
@@ -25,16 +25,8 @@ ADAM = functools.partial(torch.optim.Adam, lr=2e-3)
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()  # see test_posthoc_ema_callback: 2 threads spin on a busy machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _warm(dist: LossAwareTimesteps, seed: int = 0) -> torch.Tensor:

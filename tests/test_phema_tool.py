@@ -24,12 +24,7 @@ trainer:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()  # a busy neighbour makes 2 intra-op threads spin (see test_posthoc_ema_callback)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.timeout(120)

@@ -21,14 +21,7 @@ ADAM = functools.partial(torch.optim.Adam, lr=2e-3)
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On this shared 2-core machine a busy neighbour makes 2 intra-op threads spin: 6 tiny steps
-    # took 19 s with 2 threads and 0.24 s with 1 (measured). Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module() -> DiffusionLightningModule:

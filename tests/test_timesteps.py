@@ -6,11 +6,9 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import gen
 from lightning_diffusion.timesteps import LogNormalSigma, UniformSigma, UniformTimesteps
 
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def ks_distance(samples, cdf):

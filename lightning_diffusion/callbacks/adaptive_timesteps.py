@@ -20,6 +20,7 @@ from torch import Tensor
 from ..timesteps import AdaptiveTimesteps, LossAwareTimesteps
 from ..timesteps.lookahead import LookaheadBatch, LookaheadBuffer, evenly_spaced_subset, probe_quantiles
 from .collectives import all_reduce_mean
+from .sampler_install import install_sampler
 from .sampler_report import log_levels, subset_table
 
 __all__ = ["AdaptiveTimestepSampling"]
@@ -99,18 +100,10 @@ class AdaptiveTimestepSampling(pl.Callback):
 
     # ------------------------------------------------------------------ installation and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # In every stage, so the module's checkpoint (which holds the policy) always loads.
-        current = getattr(pl_module, "timesteps", None)
-        if current is None:
-            raise ValueError("AdaptiveTimestepSampling needs a DiffusionLightningModule (a module with `timesteps`).")
-        if isinstance(current, LossAwareTimesteps):
-            raise ValueError("AdaptiveTimestepSampling cannot be combined with LossAwareTimestepSampling: "
-                             "both choose the training timesteps; keep one.")
-        if not isinstance(current, AdaptiveTimesteps):
-            current = AdaptiveTimesteps(current, self.lr, self.policy_channels, self.seed)
-            pl_module.timesteps = current
-        self.sampler = current
-        self.grid_levels = current.base.icdf(self.quantiles)
+        self.sampler = install_sampler(
+            pl_module, "AdaptiveTimestepSampling", AdaptiveTimesteps, LossAwareTimesteps, "LossAwareTimestepSampling",
+            lambda base: AdaptiveTimesteps(base, self.lr, self.policy_channels, self.seed))
+        self.grid_levels = self.sampler.base.icdf(self.quantiles)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict(), "subset": list(self.subset), "updates": self.updates}

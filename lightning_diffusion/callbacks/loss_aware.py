@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..timesteps import AdaptiveTimesteps, LossAwareTimesteps
 from .collectives import all_gather_cat, all_reduce_max_int, world_size
+from .sampler_install import install_sampler
 from .sampler_report import log_levels
 
 __all__ = ["LossAwareTimestepSampling"]
@@ -69,18 +70,9 @@ class LossAwareTimestepSampling(pl.Callback):
 
     # ------------------------------------------------------------------ installation
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # In every stage, so the module's checkpoint (which holds the history) always loads.
-        current = getattr(pl_module, "timesteps", None)
-        if current is None:
-            raise ValueError("LossAwareTimestepSampling needs a DiffusionLightningModule (a module with `timesteps`).")
-        if isinstance(current, LossAwareTimesteps):
-            self.sampler = current
-            return
-        if isinstance(current, AdaptiveTimesteps):
-            raise ValueError("LossAwareTimestepSampling cannot be combined with AdaptiveTimestepSampling: "
-                             "both choose the training timesteps; keep one.")
-        self.sampler = LossAwareTimesteps(current, self.history, self.uniform_prob, self.num_bins)
-        pl_module.timesteps = self.sampler
+        self.sampler = install_sampler(
+            pl_module, "LossAwareTimestepSampling", LossAwareTimesteps, AdaptiveTimesteps, "AdaptiveTimestepSampling",
+            lambda current: LossAwareTimesteps(current, self.history, self.uniform_prob, self.num_bins))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step

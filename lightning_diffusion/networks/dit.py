@@ -16,6 +16,7 @@ from timm.layers import GELUTanh, Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
+from .checks import check_input, check_num_classes, check_positive
 from .unet import sinusoidal_embedding
 
 __all__ = ["DiT", "DiTBlock", "DIT_SIZES"]
@@ -65,9 +66,7 @@ class DiTBlock(nn.Module):
 
 def _check_config(net: "DiT") -> None:
     """Raise ValueError, one sentence naming the setting, for a configuration the DiT cannot build."""
-    for name in ("in_channels", "image_size", "patch_size", "hidden_size", "depth", "num_heads"):
-        if getattr(net, name) < 1:
-            raise ValueError(f"DiT.{name}={getattr(net, name)} must be >= 1.")
+    check_positive(net, ("in_channels", "image_size", "patch_size", "hidden_size", "depth", "num_heads"))
     if net.image_size % net.patch_size:
         raise ValueError(
             f"DiT.image_size={net.image_size} is not divisible by DiT.patch_size={net.patch_size}; "
@@ -77,8 +76,7 @@ def _check_config(net: "DiT") -> None:
         raise ValueError(
             f"DiT.hidden_size={net.hidden_size} must be divisible by 4 and by DiT.num_heads={net.num_heads}."
         )
-    if net.num_classes < 0:
-        raise ValueError(f"DiT.num_classes={net.num_classes} must be >= 0 (0 = unconditional).")
+    check_num_classes(net)
 
 
 class DiT(nn.Module):
@@ -167,7 +165,7 @@ class DiT(nn.Module):
         return x.reshape(b, ch, g * p, g * p)
 
     def forward(self, x: Tensor, noise_level: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        self._check_input(x, noise_level)
+        check_input(self, x, noise_level)
         c = self.embed(noise_level, class_labels, x.shape[0])
         h = self.patch_embed(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
@@ -175,13 +173,3 @@ class DiT(nn.Module):
         shift, scale = self.adaLN_out(c).chunk(2, dim=1)
         return self.unpatchify(self.linear_out(modulate(self.norm_out(h), shift, scale)))
 
-    def _check_input(self, x: Tensor, noise_level: Tensor) -> None:
-        """Cheap shape checks (Python ints only, no device sync)."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"DiT got input of shape {tuple(x.shape)} but is configured for [B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}] (DiT.in_channels, DiT.image_size)."
-            )
-        if noise_level.numel() not in (1, x.shape[0]):
-            raise ValueError(f"DiT noise_level has {noise_level.numel()} values for a batch of {x.shape[0]}.")

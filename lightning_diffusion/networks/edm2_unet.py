@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import (check_channel_mult, check_downsampling, check_dropout, check_input, check_num_classes,
+                     check_positive)
 from .mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 __all__ = ["EDM2UNet", "EDM2Block", "EDM2_PRESETS"]
@@ -88,21 +90,11 @@ class EDM2Block(nn.Module):
 
 def _check_config(net: "EDM2UNet") -> None:
     """Raise ValueError, one sentence naming the setting, for a configuration the network cannot build."""
-    for name in ("in_channels", "image_size", "model_channels", "num_blocks", "channels_per_head"):
-        if getattr(net, name) < 1:
-            raise ValueError(f"EDM2UNet.{name}={getattr(net, name)} must be >= 1.")
-    if len(net.channel_mult) == 0 or min(net.channel_mult) < 1:
-        raise ValueError(f"EDM2UNet.channel_mult={net.channel_mult} must be a non-empty tuple of integers >= 1.")
-    if net.num_classes < 0:
-        raise ValueError(f"EDM2UNet.num_classes={net.num_classes} must be >= 0 (0 = unconditional).")
-    if not 0.0 <= net.dropout < 1.0:
-        raise ValueError(f"EDM2UNet.dropout={net.dropout} must be in [0, 1).")
-    factor = 2 ** (len(net.channel_mult) - 1)
-    if net.image_size % factor != 0:
-        raise ValueError(
-            f"EDM2UNet.image_size={net.image_size} is not divisible by 2**(len(channel_mult)-1)={factor}; "
-            f"use a multiple of {factor}."
-        )
+    check_positive(net, ("in_channels", "image_size", "model_channels", "num_blocks", "channels_per_head"))
+    check_channel_mult(net)
+    check_num_classes(net)
+    check_dropout(net)
+    check_downsampling(net)
 
 
 class EDM2UNet(nn.Module):
@@ -216,7 +208,7 @@ class EDM2UNet(nn.Module):
         return mp_silu(emb)
 
     def forward(self, x: Tensor, noise_level: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        self._check_input(x, noise_level)
+        check_input(self, x, noise_level)
         emb = self.embed(noise_level, class_labels, x.shape[0])
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # constant channel: lets convs see borders
         x = self.conv_in(x)
@@ -230,13 +222,3 @@ class EDM2UNet(nn.Module):
             x = block(x, emb)
         return self.conv_out(x, gain=self.out_gain)
 
-    def _check_input(self, x: Tensor, noise_level: Tensor) -> None:
-        """Cheap shape checks (Python ints only, no device sync)."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"EDM2UNet got input of shape {tuple(x.shape)} but is configured for [B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}] (EDM2UNet.in_channels, EDM2UNet.image_size)."
-            )
-        if noise_level.numel() not in (1, x.shape[0]):
-            raise ValueError(f"EDM2UNet noise_level has {noise_level.numel()} values for a batch of {x.shape[0]}.")

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import (check_channel_mult, check_downsampling, check_dropout, check_input, check_num_classes,
+                     check_positive)
+
 
 def sinusoidal_embedding(noise_level: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Transformer positional embedding of a real-valued noise level, [B] -> [B, dim] in fp32.
@@ -117,24 +120,14 @@ class Upsample(nn.Module):
 
 def _check_config(unet: "UNet") -> None:
     """Raise ValueError, one sentence naming the setting, for a configuration the UNet cannot build."""
-    positive = ("in_channels", "out_channels", "image_size", "model_channels", "num_res_blocks", "num_heads", "num_groups")
-    for name in positive:
-        if getattr(unet, name) < 1:
-            raise ValueError(f"UNet.{name}={getattr(unet, name)} must be >= 1.")
-    if len(unet.channel_mult) == 0 or min(unet.channel_mult) < 1:
-        raise ValueError(f"UNet.channel_mult={unet.channel_mult} must be a non-empty tuple of integers >= 1.")
+    check_positive(unet, ("in_channels", "out_channels", "image_size", "model_channels", "num_res_blocks",
+                          "num_heads", "num_groups"))
+    check_channel_mult(unet)
     if any(r < 1 for r in unet.attention_resolutions):
         raise ValueError(f"UNet.attention_resolutions={unet.attention_resolutions} must hold feature-map sizes >= 1.")
-    if not 0.0 <= unet.dropout < 1.0:
-        raise ValueError(f"UNet.dropout={unet.dropout} must be in [0, 1).")
-    if unet.num_classes < 0:
-        raise ValueError(f"UNet.num_classes={unet.num_classes} must be >= 0 (0 = unconditional).")
-    factor = 2 ** (len(unet.channel_mult) - 1)
-    if unet.image_size % factor != 0:
-        raise ValueError(
-            f"UNet.image_size={unet.image_size} is not divisible by 2**(len(channel_mult)-1)={factor}; "
-            f"use a multiple of {factor}."
-        )
+    check_dropout(unet)
+    check_num_classes(unet)
+    check_downsampling(unet)
     for mult in (1, *unet.channel_mult):
         if unet.model_channels * mult % unet.num_groups != 0:
             raise ValueError(
@@ -242,17 +235,6 @@ class UNet(nn.Module):
                 self.decoder.append(Upsample(ch))
                 res *= 2
 
-    def _check_input(self, x: Tensor, noise_level: Tensor) -> None:
-        """Cheap shape checks (Python ints only, no device sync)."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"UNet got input of shape {tuple(x.shape)} but is configured for [B, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] (UNet.in_channels={self.in_channels}, UNet.image_size={self.image_size})."
-            )
-        if noise_level.numel() not in (1, x.shape[0]):
-            raise ValueError(f"UNet noise_level has {noise_level.numel()} values for a batch of {x.shape[0]}.")
-
     def embed(self, noise_level: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
         """Noise-level embedding plus (if conditional) class embedding, [B, 4 * model_channels]."""
         t = noise_level.reshape(-1).expand(batch)
@@ -265,7 +247,7 @@ class UNet(nn.Module):
         return emb
 
     def forward(self, x: Tensor, noise_level: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        self._check_input(x, noise_level)
+        check_input(self, x, noise_level)
         emb = self.embed(noise_level, class_labels, x.shape[0])
         h = self.conv_in(x)
         skips = [h]
