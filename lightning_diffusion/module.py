@@ -131,7 +131,8 @@ class DiffusionLightningModule(pl.LightningModule):
         optimizer, lr_scheduler: callables that build them (``class_path`` in YAML).
         num_classes: 0 for unconditional; else labels ``0..num_classes-1`` and null label ``num_classes``.
         label_dropout: probability of replacing a label with the null label (classifier-free guidance).
-        seed: seed of the per-rank, per-step noise streams (resumable: keyed by the step counter).
+        seed: seed of the per-rank, per-step noise streams (resumable: keyed by the step counter); the
+            global torch RNG is reseeded from it before each training step, so dropout resumes exactly too.
         val_levels: size of the fixed noise-level grid of the validation loss.
         val_seed: seed of the fixed validation noise.
         compile: wrap the network in ``torch.compile``.
@@ -312,11 +313,14 @@ class DiffusionLightningModule(pl.LightningModule):
         """A generator seeded from (seed, global rank, key): different per rank, exact on resume."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        rank = self.global_rank if self._trainer is not None else 0
-        # Distinct 63-bit seeds per (seed, rank, key) via a multiplicative hash.
-        mixed = (self.seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB)
-        self._generator.manual_seed(mixed % (2**63 - 1))
+        self._generator.manual_seed(self._stream_seed(key))
         return self._generator
+
+    def _stream_seed(self, key: int) -> int:
+        """Distinct 63-bit seeds per (seed, global rank, key) via a multiplicative hash."""
+        rank = self.global_rank if self._trainer is not None else 0
+        mixed = (self.seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB)
+        return mixed % (2**63 - 1)
 
     # ------------------------------------------------------------------ training
     def unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -376,6 +380,9 @@ class DiffusionLightningModule(pl.LightningModule):
         x0, labels = self.unpack(batch)
         self.batch_size_per_device = self.batch_size_per_device or x0.shape[0]
         generator = self.step_generator(x0.device, self.draws)
+        # The global RNG too (dropout, a user's own randomness): checkpoints do not carry it, so it is
+        # keyed like the draws (another stream: the seed's top bit flipped) and resumes exactly.
+        torch.manual_seed(self._stream_seed(self.draws) ^ (1 << 62))
         self.draws += 1
         out = self.diffusion_loss(x0, labels, generator)
         self._record_nonfinite(out["loss"])

@@ -1,9 +1,12 @@
-"""A test-only callback: each rank writes a JSON digest of its training state at the end of fit.
+"""Test-only callbacks: each rank writes a JSON digest of its training state at the end of fit,
+and (``StepRecorder``) one line per training step with what that step trained on.
 
-Used by the distributed tests (tests/test_full_stack_ddp.py), which add it to a CLI run in a
-subprocess with ``--trainer.callbacks+=digest_callback.DigestCallback`` and put ``tests/`` on
-``PYTHONPATH``. The digests go to ``$LD_DIGEST_DIR/rank<global_rank>.json``; the test compares
-the ranks' files. Every entry is a SHA-256 of the exact bytes, so "equal" means bit-identical.
+Used by the distributed and crash-resume tests (tests/test_full_stack_ddp.py,
+tests/test_crash_resume.py), which add them to a CLI run in a subprocess with
+``--trainer.callbacks+=digest_callback.DigestCallback`` and put ``tests/`` on ``PYTHONPATH``.
+The digests go to ``$LD_DIGEST_DIR/rank<global_rank>.json`` (steps: ``steps-rank<r>.jsonl``);
+the tests compare the files. Every entry is a SHA-256 of the exact bytes: "equal" means
+bit-identical.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ class DigestCallback(pl.Callback):
             "timesteps": digest(pl_module.timesteps.state_dict()),
             "warm_steps": self.warm_steps,
             "checkpoint_io": type(trainer.strategy.checkpoint_io).__name__,
+            "draws": getattr(pl_module, "draws", None),
+            "optimizers": digest([optimizer.state_dict() for optimizer in trainer.optimizers]),
+            "lr_schedulers": digest([config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]),
+            "data_position": trainer.fit_loop._combined_loader._state_dicts(),
         }
         for callback in trainer.callbacks:
             if isinstance(callback, PostHocEMA) and callback.ema is not None:
@@ -91,3 +98,20 @@ class DigestCallback(pl.Callback):
         directory = Path(os.environ[DIGEST_DIR_ENV])
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+
+
+class StepRecorder(pl.Callback):
+    """Appends ``{"step", "batch", "levels"}`` per optimizer step to ``steps-rank<r>.jsonl`` (flushed each step).
+
+    ``batch`` digests the images and labels the step trained on, ``levels`` the noise levels it
+    drew: together the data order and the timestep stream. Written line by line, so a run killed
+    with SIGKILL leaves every step it finished on disk.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        record = {"step": trainer.global_step, "batch": digest(list(batch)), "levels": digest(outputs["level"])}
+        directory = Path(os.environ[DIGEST_DIR_ENV])
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"steps-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

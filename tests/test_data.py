@@ -5,6 +5,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,7 +86,8 @@ def test_batch_larger_than_train_set_is_refused() -> None:
 
 def test_datamodule_pickles_for_ddp_spawn() -> None:
     dm = DigitsDataModule(batch_size=32, image_size=16)
-    dm.trainer = lambda: None  # a finished fit leaves its trainer attached; it must not travel
+    # A finished fit leaves its trainer attached; it must not travel (this one cannot be pickled).
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, unpicklable=lambda: None)
     copy = pickle.loads(pickle.dumps(dm))
     assert copy.trainer is None and dm.trainer is not None
     assert (copy.channels, copy.image_size, copy.num_classes) == (1, 16, 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 
 import lightning.pytorch as pl
 import pytest
@@ -92,6 +93,28 @@ def test_resume_is_bit_identical_and_keeps_snapshots(tmp_path):
     last = reconstruct([e["file"] for e in list_snapshots(tmp_path / "a" / "phema")], [0.10])[0]
     for key, value in straight.ema.profile_state_dict(1).items():
         torch.testing.assert_close(last["net." + key], value.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_whose_earlier_folder_is_gone_lists_only_the_snapshots_it_has(tmp_path):
+    # Default folder (no dirpath): a resume continues in the folder of the checkpoint's run when it is
+    # there (tests/test_crash_resume.py); when it is not (checkpoint moved), in its own, whose manifest
+    # must not list the earlier run's files.
+    cb = PostHocEMA(snapshot_every_nimg=2 * BATCH)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[cb, ckpt], enable_checkpointing=True,
+                  default_root_dir=tmp_path / "a").fit(_module(), _loader())
+    assert cb._directory == tmp_path / "a" / "phema" and len(list(cb._directory.glob("phema-*.pt"))) == 4
+    saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=True)["callbacks"]["PostHocEMA"]
+    assert saved["directory"] == str((tmp_path / "a" / "phema").resolve())
+    shutil.rmtree(tmp_path / "a")
+    resumed = PostHocEMA(snapshot_every_nimg=2 * BATCH)
+    quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=[resumed], default_root_dir=tmp_path / "b").fit(
+        _module(), _loader(), ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    assert resumed._directory == tmp_path / "b" / "phema"
+    manifest = json.loads((tmp_path / "b" / "phema" / "manifest.json").read_text())["snapshots"]
+    assert [e["nimg"] for e in manifest] == [32, 32, 48, 48, 64, 64]  # 16 was written to the folder that is gone
+    assert all((tmp_path / "b" / "phema" / e["file"]).is_file() for e in manifest)
+    assert len(resumed.snapshots) == 8  # the run's own record still knows all of them
 
 
 class _Probe(pl.Callback):

@@ -28,7 +28,8 @@ class PostHocEMA(pl.Callback):
             full gap in images, so the profile stays right).
         snapshot_every_nimg: write every profile to ``dirpath`` each time this many more images
             were seen; ``None`` writes no snapshots.
-        dirpath: snapshot folder (default ``<trainer.log_dir>/phema``); global rank 0 writes
+        dirpath: snapshot folder (default ``<trainer.log_dir>/phema``; a resumed run keeps the folder
+            its checkpoint was written with, so one folder holds the whole run); global rank 0 writes
             ``phema-<nimg>-<sigma_rel>.pt`` files and ``manifest.json``, atomically.
         snapshot_dtype: ``"float32"`` or ``"float16"``.
         validate_with: the profile (index, or one of ``sigma_rels``) swapped into the network for
@@ -107,8 +108,10 @@ class PostHocEMA(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         ema = self._get_ema().state_dict() if self.ema is not None else self._pending
+        directory = str(self._directory.resolve()) if self._directory is not None else ""
         return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
-                "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots]}
+                "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots],
+                "directory": directory}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -120,6 +123,13 @@ class PostHocEMA(pl.Callback):
         self._last_step, self._last_nimg = int(state_dict["last_step"]), int(state_dict["last_nimg"])
         self._next_snapshot = int(state_dict["next_snapshot_nimg"])
         self.snapshots = [dict(s) for s in state_dict["snapshots"]]
+        # A resumed run (the CLI logs it to a new version folder) keeps writing its snapshots next to
+        # the ones it already wrote, so one folder and manifest hold the whole run; an explicit
+        # dirpath, or a folder that is not here (checkpoint moved), starts in the new one instead.
+        previous = state_dict.get("directory")
+        if not self.dirpath and previous and Path(previous).is_dir():
+            self._directory = Path(previous)
+            rank_zero_info(f"PostHocEMA: resumed; writing snapshots to {previous}, next to the run's earlier ones")
 
     # ------------------------------------------------------------------ training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -159,7 +169,8 @@ class PostHocEMA(pl.Callback):
             state = {self.prefix + k: v for k, v in ema.profile_state_dict(i).items()}
             save_snapshot(path, state, sigma_rel, gamma, nimg, self.snapshot_dtype)
         if trainer.is_global_zero:
-            known = {e["file"]: e for e in load_manifest(directory) + self.snapshots}
+            # Only files that are here: after a resume into a new folder the earlier ones live elsewhere.
+            known = {e["file"]: e for e in load_manifest(directory) + self.snapshots if (directory / e["file"]).exists()}
             write_manifest(directory, list(known.values()))
 
     # ------------------------------------------------------------------ validation and test

@@ -5,6 +5,7 @@ from lightning_diffusion.data.base import ImageDataModule, InMemoryImages
 from lightning_diffusion.data.cifar import CIFAR10DataModule
 from lightning_diffusion.data.embedded import DigitsDataModule
 from lightning_diffusion.data.folder import ImageFolderDataModule
+from lightning_diffusion.data.resumable import ImagesSeenSampler, ResumableDataLoader
 
 __all__ = [
     "ArrayDataModule",
@@ -12,5 +13,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "ImagesSeenSampler",
     "InMemoryImages",
+    "ResumableDataLoader",
 ]

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .resumable import ImagesSeenSampler, ResumableDataLoader
+
 
 def center_crop_resize(images: Tensor, size: int) -> Tensor:
     """Center-crop [N,C,H,W] images to a square, then resize to size x size (bilinear, antialias).
@@ -22,6 +24,15 @@ def center_crop_resize(images: Tensor, size: int) -> Tensor:
     if images.dtype == torch.uint8:
         return resized.round().clamp(0, 255).to(torch.uint8)
     return resized.clamp(-1.0, 1.0)
+
+
+def _world(trainer: object | None) -> tuple[int, int]:
+    """(world size, global rank): the trainer's, else an initialized process group's, else one process."""
+    if trainer is not None:
+        return trainer.world_size, trainer.global_rank  # type: ignore[attr-defined]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 class InMemoryImages(Dataset):
@@ -95,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         self._num_classes = 0
         self.train_dataset = InMemoryImages(torch.empty(0, 0, 0, 0), torch.empty(0, dtype=torch.long))
         self.val_dataset = self.train_dataset
+        self._train_loader: tuple[object, ResumableDataLoader] | None = None  # (trainer, its last loader)
 
     @property
     def channels(self) -> int:
@@ -163,19 +175,36 @@ class ImageDataModule(L.LightningDataModule):
         """Pickle without the trainer: a spawned rank's trainer attaches itself; a finished one may not pickle."""
         state = self.__dict__.copy()
         state["trainer"] = None
+        state["_train_loader"] = None
         return state
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) batches; incomplete last batch dropped so every step has batch_size images."""
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled batches, one share per rank, in an order keyed by ``seed`` and the batches already seen.
+
+        Every step gets ``batch_size`` images (incomplete batches are dropped). The position is
+        saved in checkpoints, so a resumed run, mid-epoch or not, trains on exactly the batches the
+        uninterrupted run would have (:mod:`lightning_diffusion.data.resumable`); a loader made
+        again (``reload_dataloaders_every_n_epochs``) continues where the previous one stopped.
+        """
+        trainer = self.trainer
+        world_size, rank = _world(trainer)
+        try:
+            sampler = ImagesSeenSampler(self.train_dataset, self.batch_size, world_size, rank, self.seed)
+        except ValueError as error:
+            raise ValueError(str(error).replace("ImagesSeenSampler", f"{type(self).__name__}")) from None
+        if trainer is not None and self._train_loader is not None and self._train_loader[0] is trainer:
+            previous = self._train_loader[1].sampler  # this fit made it before: continue (a new fit starts at 0)
+            sampler.move_to(previous.batches_seen, previous.layout())
+        loader = ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        self._train_loader = (trainer, loader)
+        return loader
 
     def _eval_loader(self) -> DataLoader:
         """In-order batches over the validation split, last batch kept."""
