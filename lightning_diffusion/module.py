@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .clock import images_per_step, images_seen
@@ -24,7 +25,7 @@ from .core.targets import RegressionTarget, StandardTarget
 from .core.weighting import ConstantWeighting, LossWeighting
 from .metrics.fd import FrechetDistance
 from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
-from .optim import EDM2LRScheduler
+from .optim import EDM2LRScheduler, group_settings, reapply_settings
 from .sampling import DiffusionSampler
 from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
 from .validation import level_buckets, validation_losses
@@ -222,6 +223,7 @@ class DiffusionLightningModule(pl.LightningModule):
         self._generator: torch.Generator | None = None
         self.check_finite = check_finite
         self._first_nonfinite: Tensor | None = None  # on device: first optimizer step with a bad loss
+        self._optimizer_settings: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup and state
     def configure_model(self) -> None:
@@ -237,6 +239,7 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
+        self._optimizer_settings = group_settings(optimizer)  # before a scheduler changes lr (reapplied on resume)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -254,6 +257,13 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._first_nonfinite = None  # a new fit (e.g. with a lower learning rate) starts clean
+        # A resume restored the checkpoint's optimizer settings over this run's: put this run's back
+        # (e.g. the lower learning rate the divergence message advises), and say so.
+        if self.trainer.ckpt_path and self._optimizer_settings and len(self.trainer.optimizers) == 1:
+            schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+            notes = reapply_settings(self.trainer.optimizers[0], self._optimizer_settings, schedulers)
+            if notes:
+                rank_zero_info(f"Resumed with this run's optimizer settings: {'; '.join(notes)}")
         # A resumed run may use other devices/nodes/accumulation: schedules that follow the
         # trainer's images per step re-read it after the checkpoint restored their state.
         for config in self.trainer.lr_scheduler_configs:

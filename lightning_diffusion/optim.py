@@ -1,4 +1,4 @@
-"""EDM2 learning-rate schedule, counted in images (ALGORITHMS.md 3.3).
+"""EDM2 learning-rate schedule, counted in images (ALGORITHMS.md 3.3), and resuming with new optimizer settings.
 
 ``lr(nimg) = a_ref / sqrt(max(nimg / ref_images, 1)) * min(nimg / rampup_images, 1)``: constant
 after a linear ramp, then inverse square root decay once ``ref_images`` (EDM2: ``t_ref * batch``,
@@ -9,11 +9,13 @@ in one place; the paper pairs it with ``Adam(betas=(0.9, 0.99))`` and no weight 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["edm2_lr_factor", "EDM2LRScheduler"]
+__all__ = ["edm2_lr_factor", "EDM2LRScheduler", "group_settings", "reapply_settings"]
 
 
 def edm2_lr_factor(nimg: float, ref_images: float, rampup_images: float) -> float:
@@ -88,3 +90,65 @@ class EDM2LRScheduler(LRScheduler):
         if self.batch_size is None and not self._constructed:  # the constructor's step: rates untouched
             return [group["lr"] for group in self.optimizer.param_groups]
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def group_settings(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """The numeric settings of each param group (lr, betas, eps, weight_decay, momentum, ...), as built.
+
+    Flags (amsgrad, nesterov, foreach, ...) are left out: they shape the optimizer state, which a
+    resume restores, so they are not changed on resume.
+    """
+    def numeric(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(numeric(v) for v in value)
+        return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
+
+    return [{k: (list(v) if isinstance(v, tuple) else float(v) if isinstance(v, Tensor) else v)
+             for k, v in group.items() if k not in ("params", "initial_lr") and numeric(v)}
+            for group in optimizer.param_groups]
+
+
+def reapply_settings(optimizer: Optimizer, settings: list[dict[str, Any]], schedulers: list[Any]) -> list[str]:
+    """After a resume restored ``optimizer``, put back this run's ``settings`` (:func:`group_settings`) where they differ.
+
+    ``optimizer.load_state_dict`` restores every param-group setting from the checkpoint, so a run
+    resumed with a lower learning rate would silently train on with the old one. The learning rate
+    is compared with the restored *base* rate (``initial_lr``, set by schedulers, else ``lr``); when
+    it changed, each scheduler's ``base_lrs`` becomes the new rate and the current rate is scaled by
+    new / old: exactly the rate a run started with the new base would have now for schedules
+    proportional to the base rate (EDM2LRScheduler, LambdaLR, StepLR, ExponentialLR, LinearLR, ...).
+    A scheduler without base rates (ReduceLROnPlateau) owns the rate: it stays, and the note says so.
+
+    Returns one note per change (empty when the settings match).
+    """
+    notes = []
+    for index, (group, wanted) in enumerate(zip(optimizer.param_groups, settings)):
+        for key, value in wanted.items():
+            current = group.get(key)
+            plain = list(current) if isinstance(current, tuple) else current
+            if key == "lr" or isinstance(current, Tensor) or plain == value:
+                continue
+            group[key] = tuple(value) if isinstance(current, tuple) else value
+            notes.append(f"{key} {current!r} -> {value!r}")
+        if "lr" not in wanted:
+            continue
+        new, old = float(wanted["lr"]), float(group.get("initial_lr", group["lr"]))
+        if new == old:
+            continue
+        if any(not hasattr(s, "base_lrs") for s in schedulers):
+            notes.append(f"lr stays {old!r} (the checkpoint's): {type(schedulers[0]).__name__} owns the rate, "
+                         f"{new!r} is not applied")
+            continue
+        rate = float(group["lr"]) * new / old if old else new
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+        if "initial_lr" in group:
+            group["initial_lr"] = new
+        for scheduler in schedulers:
+            scheduler.base_lrs[index] = new
+            if getattr(scheduler, "_last_lr", None):
+                scheduler._last_lr[index] = rate
+        notes.append(f"lr {old!r} -> {new!r} (base rate; the current rate follows)")
+    return notes

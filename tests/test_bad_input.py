@@ -110,15 +110,20 @@ def test_cli_refuses_before_training(tmp_path, capsys, overrides, fragments):
     assert not root.exists() or tree(root) == {}  # no config, log, checkpoint or sample written
 
 
-def test_resume_from_a_checkpoint_of_another_config(tmp_path, capsys, cli_checkpoint):
-    # LightningCLI applies the checkpoint's model config over the command line, but the data's
-    # shape is linked in afterwards: at 16x16 the UNet has no attention at resolution 4.
+@pytest.mark.parametrize("overrides, named", [
+    # the data's shape, linked into the net: at 16x16 the UNet has no attention at resolution 4
+    (["--model.init_args.net.init_args.attention_resolutions=[4]", "--data.init_args.image_size=16"],
+     "net.init_args.image_size=8 in the checkpoint but 16 now"),
+    # a model setting: LightningCLI alone would silently build the checkpoint's net instead
+    (["--model.init_args.net.init_args.attention_resolutions=[4]", "--model.init_args.net.init_args.model_channels=32"],
+     "net.init_args.model_channels=16 in the checkpoint but 32 now"),
+], ids=["data_shape", "model_setting"])
+def test_resume_from_a_checkpoint_of_another_config(tmp_path, capsys, cli_checkpoint, overrides, named):
     before = tree(cli_checkpoint.parents[3])
-    code, line = run_cli(tmp_path / "run", ["--model.init_args.net.init_args.attention_resolutions=[4]",
-                                            "--data.init_args.image_size=16", f"--ckpt_path={cli_checkpoint}"], capsys)
+    code, line = run_cli(tmp_path / "run", [*overrides, f"--ckpt_path={cli_checkpoint}"], capsys)
     assert code == 2
     assert line.startswith("error: --ckpt_path: the checkpoint does not match the model (")
-    assert "net.init_args.image_size=8 in the checkpoint but 16 now" in line and line.count(". ") == 0, line
+    assert named in line and line.count(". ") == 0, line
     assert not (tmp_path / "run").exists() or tree(tmp_path / "run") == {}
     assert tree(cli_checkpoint.parents[3]) == before
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import subprocess
@@ -119,3 +120,27 @@ def test_ddp_two_cpu_ranks_through_the_real_cli(tmp_path):
     assert ckpt["global_step"] == 10 and ckpt["diffusion"]["draws"] == 10
     fds = [float(r["val/fd"]) for r in _metrics(log_dir) if r.get("val/fd")]
     assert fds and all(math.isfinite(v) for v in fds)
+
+
+def test_resume_uses_this_runs_settings_and_names_the_changes(tmp_path, caplog):
+    # LightningCLI alone would rebuild the model from the checkpoint's settings and Lightning would
+    # restore the checkpoint's learning rate: a lower rate given on resume would be silently dropped.
+    args = [*tiny_args(tmp_path, steps=4), "--model.init_args.fd_samples=0"]
+    first = DiffusionCLI(args=["fit", *args])
+    checkpoint = first.trainer.checkpoint_callback.best_model_path
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+    logger = logging.getLogger("lightning.pytorch")  # Lightning's own handler does not propagate
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    try:
+        resumed = DiffusionCLI(args=["fit", *args, "--model.init_args.optimizer.init_args.lr=0.0001",
+                                     "--model.init_args.label_dropout=0.2", "--trainer.max_steps=6",
+                                     f"--ckpt_path={checkpoint}"])
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert resumed.trainer.global_step == 6 and resumed.model.label_dropout == 0.2
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == 0.0001
+    said = caplog.text
+    assert ("--ckpt_path: resuming with this run's model settings where they differ from the checkpoint's: "
+            "label_dropout=0.2 (checkpoint: 0.1), optimizer.init_args.lr=0.0001 (checkpoint: 0.002)") in said, said
+    assert "Resumed with this run's optimizer settings: lr 0.002 -> 0.0001" in said, said
