@@ -95,7 +95,8 @@ def _run(cmd: list[str], digests: Path) -> None:
 
 def _steps(digests: Path, rank: int = 0) -> list[dict]:
     path = digests / f"steps-rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # a line still being written has no "\n"
+    return [json.loads(line) for line in lines]
 
 
 def _kill_after(cmd: list[str], digests: Path, step: int) -> None:
