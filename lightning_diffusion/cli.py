@@ -24,21 +24,11 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
 
 from .data.base import ImageDataModule
 from .module import DiffusionLightningModule, NonFiniteLossError
 
 __all__ = ["DiffusionCLI", "main"]
-
-
-# The data's shape, stated once: linked into the network and the module when they are built.
-_LINKS = (
-    ("data.channels", "model.init_args.net.init_args.in_channels"),
-    ("data.image_size", "model.init_args.net.init_args.image_size"),
-    ("data.num_classes", "model.init_args.net.init_args.num_classes"),
-    ("data.num_classes", "model.init_args.num_classes"),
-)
 
 
 class DiffusionCLI(LightningCLI):
@@ -63,7 +53,12 @@ class DiffusionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # State the data's shape once: the network and the module follow the DataModule.
-        for source, target in _LINKS:
+        for source, target in (
+            ("data.channels", "model.init_args.net.init_args.in_channels"),
+            ("data.image_size", "model.init_args.net.init_args.image_size"),
+            ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+            ("data.num_classes", "model.init_args.num_classes"),
+        ):
             parser.link_arguments(source, target, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
@@ -95,23 +90,9 @@ class DiffusionCLI(LightningCLI):
         # LightningCLI replaces the model settings with the ones stored in the checkpoint, silently:
         # `--ckpt_path` plus a lower learning rate (what the divergence message advises) trained on
         # with the old one, and another net config was swapped for the checkpoint's. Here the run's
-        # own settings decide; the ones that differ from the checkpoint's are named once, and a
-        # checkpoint that does not fit the model is refused in one sentence (module._check_checkpoint_fits).
-        own = self.config.clone()
-        try:
-            super()._parse_ckpt_path()
-        except SystemExit:  # hyperparameters this parser cannot read: nothing to compare
-            pass
-        stored, self.config = self.config, own
-        if not own.get("subcommand"):
-            return
-        mine, theirs = (dict(c[own.subcommand].model.items()) for c in (own, stored))
-        linked = {target.removeprefix("model.") for _, target in _LINKS}  # filled from the data later
-        changed = [f"{key.removeprefix('init_args.')}={mine.get(key)!r} (checkpoint: {theirs.get(key)!r})"
-                   for key in sorted((set(mine) | set(theirs)) - linked) if mine.get(key) != theirs.get(key)]
-        if changed:
-            rank_zero_info("--ckpt_path: resuming with this run's model settings where they differ from the "
-                           f"checkpoint's: {', '.join(changed)}")
+        # own config decides; the module names the settings that differ from the checkpoint's and
+        # refuses, in one sentence, a checkpoint that does not fit (module._check_checkpoint_fits).
+        pass
 
     def instantiate_classes(self) -> None:
         # A bad setting (missing data path, image size the network cannot take, gamma <= 0, ...)

@@ -93,19 +93,28 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): config}
 
 
+def _setting_changes(module: pl.LightningModule, checkpoint: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(setting, the checkpoint's value, this run's)`` for each hyperparameter that differs."""
+    before, now = _flat(dict(checkpoint.get("hyper_parameters") or {})), _flat(dict(module.hparams))
+    return [(k, before[k], now[k]) for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+
+
 def _check_checkpoint_fits(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Refuse, in one sentence, a checkpoint whose tensors do not fit the model (another config)."""
+    """Refuse, in one sentence, a checkpoint whose tensors do not fit the model (another config);
+    name the settings that differ when it fits (the run's own settings are used)."""
     saved = checkpoint.get("state_dict")
     if saved is None:
         return
+    changes = _setting_changes(module, checkpoint)
     own = module.state_dict()
     wrong_shape = sorted(k for k in set(saved) & set(own) if tuple(saved[k].shape) != tuple(own[k].shape))
     unmatched = sorted(k for k in set(saved) ^ set(own) if not k.startswith("fd."))  # FD states stay out
     if not wrong_shape and not unmatched:
+        if changes:
+            rank_zero_info("--ckpt_path: resuming with this run's model settings where they differ from the "
+                           "checkpoint's: " + ", ".join(f"{k}={now!r} (checkpoint: {was!r})" for k, was, now in changes))
         return
-    before, now = _flat(dict(checkpoint.get("hyper_parameters") or {})), _flat(dict(module.hparams))
-    differ = [f"{k}={before[k]!r} in the checkpoint but {now[k]!r} now"
-              for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    differ = [f"{k}={was!r} in the checkpoint but {now!r} now" for k, was, now in changes]
     if differ:
         reason = ", ".join(differ)
     elif wrong_shape:

@@ -25,6 +25,16 @@ from lightning_diffusion.callbacks import PostHocEMA, TimestepCurriculum
 DIGEST_DIR_ENV = "LD_DIGEST_DIR"
 
 
+def subprocess_env(digest_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment of a CLI subprocess that uses these callbacks: ``tests/`` on ``PYTHONPATH``, digests
+    to ``digest_dir``; no inherited ``MASTER_ADDR``/``MASTER_PORT``/``OMP_NUM_THREADS`` (``extra`` may set them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), *filter(None, [env.get("PYTHONPATH")])])
+    env[DIGEST_DIR_ENV] = str(digest_dir)
+    env.update(extra)
+    return env
+
+
 def _feed(h: Any, value: Any) -> None:
     """Feed a nested state (dicts, lists, tensors, scalars) into a hash, in a fixed order."""
     if isinstance(value, torch.Tensor):

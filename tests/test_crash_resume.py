@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from digest_callback import subprocess_env  # tests/ is on sys.path
 
 from lightning_diffusion.ema import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 STEPS = 72
 BATCH = 32  # 1,617 training digits: 50 batches per epoch, so the run crosses an epoch boundary at step 50
 EVERY = 10  # checkpoint cadence (steps)
@@ -82,10 +82,7 @@ def _cmd(config: Path, root: Path, *extra: str) -> list[str]:
 
 
 def _env(digests: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    env.update(PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]), LD_DIGEST_DIR=str(digests),
-               OMP_NUM_THREADS="1")  # one thread: the same float reductions in every run
-    return env
+    return subprocess_env(digests, OMP_NUM_THREADS="1")  # one thread: the same float reductions in every run
 
 
 def _run(cmd: list[str], digests: Path) -> None:

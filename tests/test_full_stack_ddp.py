@@ -9,7 +9,6 @@ have switched stages at the same steps on both; only global rank 0 writes files.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from digest_callback import digest  # tests/ is on sys.path (pytest's rootdir-relative import)
+from digest_callback import digest, subprocess_env  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 RECIPE = ROOT / "configs" / "full_stack.yaml"
 CPU_DDP = ROOT / "configs" / "trainer" / "cpu_ddp.yaml"
 
@@ -75,14 +73,6 @@ def _fit_args(tmp_path: Path) -> list[str]:
         "--trainer.enable_model_summary=false",
         "--trainer.default_root_dir=run",  # relative: each node's working directory is its own disk
     ]
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [env.get("PYTHONPATH")])])
-    env["LD_DIGEST_DIR"] = str(tmp_path / "digests")
-    env.update(extra)
-    return env
 
 
 def _check_run(tmp_path: Path) -> dict:
@@ -148,8 +138,8 @@ def test_full_stack_two_cpu_ranks(tmp_path):
     start = time.monotonic()
     cmd = [sys.executable, "-m", "lightning_diffusion", *_fit_args(tmp_path)]
     (tmp_path / "node0").mkdir()
-    result = subprocess.run(cmd, cwd=tmp_path / "node0", env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=360)
+    result = subprocess.run(cmd, cwd=tmp_path / "node0", env=subprocess_env(tmp_path / "digests"), capture_output=True,
+                            text=True, timeout=360)
     assert result.returncode == 0, result.stderr[-4000:]
     _check_run(tmp_path)
     print(f"two CPU ranks: {time.monotonic() - start:.1f} s")
@@ -170,7 +160,7 @@ def test_full_stack_two_simulated_nodes(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     port = _free_port()
     # One core per simulated node; Lightning would give each (local world size 1) every core.
-    env = _env(tmp_path, OMP_NUM_THREADS="1")
+    env = subprocess_env(tmp_path / "digests", OMP_NUM_THREADS="1")
     procs = []
     (tmp_path / "logs").mkdir()
     for node_rank in (0, 1):
