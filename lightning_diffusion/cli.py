@@ -5,7 +5,9 @@ stated once: ``data.channels``, ``data.image_size`` and ``data.num_classes`` are
 network's ``in_channels``, ``image_size`` and ``num_classes`` and the module's ``num_classes``.
 Rich progress bar and model summary are on by default; the config is saved next to the logs by
 global rank 0 only, once the run has passed setup. ``PreemptionCheckpoint`` is on by default:
-SIGUSR1 or SIGTERM saves a checkpoint at the next optimizer step and exits with status 0.
+SIGUSR1, SIGTERM or Ctrl-C saves a checkpoint at the next optimizer step and exits with status 0.
+``LastCheckpoint`` is on by default: ``last.ckpt`` at the end of every fit (and every 30 minutes, or
+``every_n_steps`` as a recipe sets it), beside Lightning's after-validation ``ModelCheckpoint``.
 Checkpoints are written atomically by ``AtomicCheckpointIO`` unless ``trainer.plugins`` or the
 strategy names another CheckpointIO (or the accelerator is a TPU, which saves through XLA's).
 
@@ -75,6 +77,13 @@ class DiffusionCLI(LightningCLI):
                                        init_args=Namespace(max_depth=1)))
         if "PreemptionCheckpoint" not in names:
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.PreemptionCheckpoint"))
+        if trainer.enable_checkpointing is not False and "LastCheckpoint" not in names:
+            # last.ckpt at the end of every fit and every 30 minutes (a recipe sets every_n_steps); the
+            # after-validation ModelCheckpoint stays, which Lightning adds only when no Checkpoint is given.
+            if "ModelCheckpoint" not in names:
+                callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint"))
+            if not any(_saves_last(c) for c in callbacks):
+                callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.LastCheckpoint"))
         if "SampleGrid" not in names:
             # predict writes PNG grids, fit writes one after each validation
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.SampleGrid"))
@@ -158,6 +167,13 @@ def _checkpoint_io_configured(trainer: Namespace) -> bool:
         if isinstance(plugin, CheckpointIO) or (isinstance(plugin, type) and issubclass(plugin, CheckpointIO)):
             return True
     return False
+
+
+def _saves_last(callback: Any) -> bool:
+    """Whether a configured callback already writes ``last.ckpt`` (a ModelCheckpoint with ``save_last``)."""
+    if isinstance(callback, Namespace):
+        return bool((callback.get("init_args") or {}).get("save_last"))
+    return bool(getattr(callback, "save_last", False))
 
 
 def _any_step_ran(trainer: Trainer | None) -> bool:

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .clock import images_per_step, images_seen
+from .clock import ImageClock, images_per_step, images_seen
 from .core.noise import EDMProcess, NoiseProcess, VPProcess
 from .core.precondition import Parametrization
 from .core.targets import RegressionTarget, StandardTarget
@@ -205,6 +205,8 @@ class DiffusionLightningModule(pl.LightningModule):
         self.param = Parametrization(self.process, prediction)
         self.prediction = prediction
         self.weighting = weighting if weighting is not None else ConstantWeighting()
+        if hasattr(self.weighting, "bind"):  # sigma-based weightings read sigma_data and the SNR reference
+            self.weighting.bind(self.process)
         self.timesteps = timesteps if timesteps is not None else _default_timesteps(self.process)
         _check_timesteps(self.timesteps, self.process)
         self.target = target if target is not None else StandardTarget()
@@ -241,6 +243,8 @@ class DiffusionLightningModule(pl.LightningModule):
             self.net.compile()
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            ImageClock.attach(self._trainer)  # the one clock every schedule reads (clock.py)
         _check_data_fits_net(self.net, getattr(self._trainer, "datamodule", None) if self._trainer else None)
         # Targets that need the run (STF's reference stream, DDP gathers) attach to it here.
         if hasattr(self.target, "setup"):
@@ -259,7 +263,7 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def _images_per_step_for(self, setting: str) -> int:
         try:
-            return images_per_step(self.trainer)  # the one clock (DESIGN.md)
+            return images_per_step(self.trainer)  # this layout's, until the clock measured a step
         except RuntimeError as error:
             raise ValueError(f"{setting} could not be read from the trainer (the DataModule has no batch_size); "
                              f"give the images per optimizer step over all devices.") from error
@@ -275,9 +279,12 @@ class DiffusionLightningModule(pl.LightningModule):
                 rank_zero_info(f"Resumed with this run's optimizer settings: {'; '.join(notes)}")
         # A resumed run may use other devices/nodes/accumulation: schedules that follow the
         # trainer's images per step re-read it after the checkpoint restored their state.
+        # The counted images seen continue from the checkpoint's (clock.py), whatever the layout was.
         for config in self.trainer.lr_scheduler_configs:
             if getattr(config.scheduler, "follow_trainer", False):
-                config.scheduler.set_batch_size(self._images_per_step_for("EDM2LRScheduler.batch_size"))
+                per_step = self._images_per_step_for("EDM2LRScheduler.batch_size")
+                config.scheduler.follow(images_seen(self.trainer), per_step)
+                config.scheduler.set_batch_size(per_step)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # Forced weight normalization (ALGORITHMS.md 3.1) once per real optimizer step, right after
@@ -286,6 +293,13 @@ class DiffusionLightningModule(pl.LightningModule):
         # saved would break the backward that follows.
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.normalize_weights_()
+        # Lightning steps the schedulers next (before on_train_batch_end): the EDM2 rate of the next
+        # step reads the counted clock, which has just credited this step's images.
+        clock = ImageClock.find(self.trainer)
+        for config in self.trainer.lr_scheduler_configs if clock is not None else ():
+            if getattr(config.scheduler, "follow_trainer", False):
+                nimg = clock.settle(self.trainer, step=self.trainer.global_step + 1)  # counted after this hook
+                config.scheduler.follow(nimg, clock.images_per_step or config.scheduler.batch_size)
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
@@ -361,16 +375,19 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def weighted_mse(
         self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None,
-        target: RegressionTarget | None = None,
+        target: RegressionTarget | None = None, data_labels: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """noise -> target -> forward -> weight at given levels: ``(output, x_noisy, mse, weight)``.
 
         ``target`` defaults to the standard (per-sample) target, so validation and look-ahead
         evaluations measure the true objective; training passes ``self.target`` (e.g. STF).
+        ``labels`` condition the network; ``data_labels`` (training: the labels before guidance
+        dropout) reach the target, whose references keep their true classes (ALGORITHMS.md 2).
         """
         x_noisy = self.process.add_noise(x0, noise, level)
         with torch.no_grad():
-            target = (target or _STANDARD_TARGET)(self.param, x0, noise, x_noisy, level, labels)
+            true_labels = {} if data_labels is None else {"data_labels": data_labels}
+            target = (target or _STANDARD_TARGET)(self.param, x0, noise, x_noisy, level, labels, **true_labels)
         output = self.param.predict(self.net, x_noisy, level, labels)
         mse = (output.float() - target.float()).square().flatten(1).mean(1)
         with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -383,8 +400,8 @@ class DiffusionLightningModule(pl.LightningModule):
         """One training draw: per-sample weighted losses and what produced them."""
         level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        labels = self.drop_labels(labels, generator)
-        _, _, mse, weight = self.weighted_mse(x0, noise, level, labels, target=self.target)
+        net_labels = self.drop_labels(labels, generator)  # dropout hides labels from the network only
+        _, _, mse, weight = self.weighted_mse(x0, noise, level, net_labels, target=self.target, data_labels=labels)
         per_sample = weight * mse
         trained = per_sample
         if self.uncertainty is not None:
@@ -397,7 +414,7 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x0, labels = self.unpack(batch)
-        self.batch_size_per_device = self.batch_size_per_device or x0.shape[0]
+        self.batch_size_per_device = x0.shape[0]
         generator = self.step_generator(x0.device, self.draws)
         # The global RNG too (dropout, a user's own randomness): checkpoints do not carry it, so it is
         # keyed like the draws (another stream: the seed's top bit flipped) and resumes exactly.

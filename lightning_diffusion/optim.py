@@ -44,8 +44,11 @@ class EDM2LRScheduler(LRScheduler):
             (0: no decay).
         rampup_images: images of the initial linear ramp from 0 (0: no ramp).
 
-    The rate of optimizer step ``k`` (0-based) uses ``nimg = (k + 1) * batch_size``, the images
-    seen once that step is taken, so the first step does not have a zero learning rate.
+    The rate of an optimizer step uses the images seen once that step is taken (``images_done +
+    batch_size``), so the first step does not have a zero learning rate. ``images_done`` is a
+    counter in the scheduler's state, advanced by ``batch_size`` at each ``step()``; inside a
+    ``DiffusionLightningModule`` it follows the library's image clock instead
+    (:meth:`follow`), so a run resumed on another layout keeps the true count (docs/algorithms.md 0).
 
     Example (YAML, under ``model.init_args``)::
 
@@ -65,6 +68,8 @@ class EDM2LRScheduler(LRScheduler):
             )
         self.batch_size, self.ref_images, self.rampup_images = batch_size, ref_images, rampup_images
         self.follow_trainer = False  # True once a DiffusionLightningModule set batch_size from its trainer
+        self.images_done = 0  # images seen by the steps taken so far (the counter the rate reads)
+        self._following = False  # this fit's clock sets images_done (not saved: see state_dict)
         self._constructed = False
         super().__init__(optimizer, last_epoch)
         self._constructed = True
@@ -79,17 +84,39 @@ class EDM2LRScheduler(LRScheduler):
             group["lr"] = rate
         self._last_lr = rates
 
+    def follow(self, images_done: int, batch_size: int) -> None:
+        """Read the images seen from the image clock (called once per optimizer step, before ``step()``)."""
+        self.images_done, self.batch_size, self._following = int(images_done), int(batch_size), True
+
+    def step(self, epoch: int | None = None) -> None:
+        if self._constructed and not self._following and self.batch_size is not None:
+            self.images_done += self.batch_size  # standalone: the scheduler counts for itself
+        super().step(epoch)
+
     def factor(self, step: int) -> float:
-        """``lr / a_ref`` of optimizer step ``step`` (0-based)."""
+        """``lr / a_ref`` of optimizer step ``step`` (0-based) at a constant ``batch_size``."""
+        return edm2_lr_factor((step + 1) * self._batch(), self.ref_images, self.rampup_images)
+
+    def _batch(self) -> int:
         if self.batch_size is None:
             raise RuntimeError("EDM2LRScheduler.batch_size is unset: give it, train inside a "
                                "DiffusionLightningModule (which sets it from the trainer), or call set_batch_size().")
-        return edm2_lr_factor((step + 1) * self.batch_size, self.ref_images, self.rampup_images)
+        return self.batch_size
 
     def get_lr(self) -> list[float]:
         if self.batch_size is None and not self._constructed:  # the constructor's step: rates untouched
             return [group["lr"] for group in self.optimizer.param_groups]
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+        factor = edm2_lr_factor(self.images_done + self._batch(), self.ref_images, self.rampup_images)
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "_following"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        if "images_done" not in state:  # saved before the counter: its steps were all of batch_size images
+            state["images_done"] = max(int(state.get("last_epoch", 0)), 0) * int(state.get("batch_size") or 0)
+        super().load_state_dict(state)
 
 
 def group_settings(optimizer: Optimizer) -> list[dict[str, Any]]:

@@ -47,8 +47,10 @@ def test_fit_validate_predict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = DiffusionCLI(args=["fit", *tiny_args(tmp_path)])
     log_dir = Path(cli.trainer.log_dir)
-    checkpoints = sorted((log_dir / "checkpoints").glob("*.ckpt"))
+    checkpoints = sorted((log_dir / "checkpoints").glob("epoch=*.ckpt"))
     assert len(checkpoints) == 1 and "step=20" in checkpoints[0].name
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)  # LastCheckpoint, at the end
+    assert last["global_step"] == 20
     assert (log_dir / "config.yaml").is_file()
     assert (log_dir / "samples" / "step_0000020.png").is_file()
     fds = [float(r["val/fd"]) for r in _metrics(log_dir) if r.get("val/fd")]
@@ -112,10 +114,10 @@ def test_ddp_two_cpu_ranks_through_the_real_cli(tmp_path):
     versions = list((tmp_path / "lightning_logs").iterdir())
     assert len(versions) == 1
     log_dir = versions[0]
-    assert len(list(log_dir.glob("checkpoints/*.ckpt"))) == 1
+    assert sorted(p.name for p in log_dir.glob("checkpoints/*.ckpt")) == ["epoch=0-step=10.ckpt", "last.ckpt"]
     assert (log_dir / "config.yaml").is_file()
     assert sorted(p.name for p in (log_dir / "samples").iterdir()) == ["last.png", "step_0000005.png", "step_0000010.png"]
-    ckpt = torch.load(next(log_dir.glob("checkpoints/*.ckpt")), weights_only=True)
+    ckpt = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 10 optimizer steps x 32 images x 2 ranks; each rank counts its own micro-batches.
     assert ckpt["global_step"] == 10 and ckpt["diffusion"]["draws"] == 10
     fds = [float(r["val/fd"]) for r in _metrics(log_dir) if r.get("val/fd")]

@@ -104,8 +104,9 @@ def _check_run(tmp_path: Path) -> dict:
     assert sorted(p.name for p in run.iterdir()) == ["lightning_logs"]
     assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == ["run"]
     assert len(list(tmp_path.rglob("config.yaml"))) == 1 and (log_dir / "config.yaml").is_file()
-    checkpoints = list(tmp_path.rglob("*.ckpt"))
-    assert len(checkpoints) == 1 and checkpoints[0].parent == log_dir / "checkpoints"
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))  # Lightning's after validation, then last.ckpt
+    assert [p.name for p in checkpoints] == [f"epoch=0-step={STEPS}.ckpt", "last.ckpt"]
+    assert all(p.parent == log_dir / "checkpoints" for p in checkpoints)
     assert rank0["checkpoint_io"] == rank1["checkpoint_io"] == "AtomicCheckpointIO"  # the CLI's default
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # atomic writes left no temp file
     assert len(list(tmp_path.rglob("checkpoints"))) == 1

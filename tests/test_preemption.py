@@ -46,7 +46,7 @@ def _signal_after_a_few_steps(cmd: list[str], root: Path, signum: int) -> tuple[
     return subprocess.CompletedProcess(cmd, process.returncode, output), root / "lightning_logs" / "version_0"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=["SIGUSR1", "SIGTERM", "Ctrl-C"])
 def test_signal_saves_the_step_reached_and_resume_continues(tmp_path, signum):
     cmd = [sys.executable, "-m", "lightning_diffusion", "fit", *long_run_args(tmp_path)]
     result, log_dir = _signal_after_a_few_steps(cmd, tmp_path, signum)
@@ -59,12 +59,15 @@ def test_signal_saves_the_step_reached_and_resume_continues(tmp_path, signum):
     checkpoint = torch.load(saved[0], weights_only=True)
     assert checkpoint["global_step"] == step and checkpoint["diffusion"]["draws"] == step
     assert (log_dir / "config.yaml").is_file()
+    # last.ckpt holds the same step: a hard link to the preemption checkpoint, not a second write.
+    assert (log_dir / "checkpoints" / "last.ckpt").samefile(saved[0])
 
     resumed = DiffusionCLI(args=["fit", *long_run_args(tmp_path), f"--trainer.max_steps={step + 2}",
                                  f"--ckpt_path={saved[0]}"])
     assert resumed.trainer.global_step == step + 2
     assert resumed.model.draws == step + 2  # the noise streams continue too
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after fit
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ddp_both_ranks_stop_at_the_same_step(tmp_path):

@@ -2,6 +2,7 @@
 
 from .adaptive_timesteps import AdaptiveTimestepSampling
 from .curriculum import TimestepCurriculum
+from .last_checkpoint import LastCheckpoint
 from .loss_aware import LossAwareTimestepSampling
 from .posthoc_ema import PostHocEMA
 from .preemption import PreemptionCheckpoint
@@ -9,4 +10,5 @@ from .samples import SampleGrid, save_image_grid
 from .wall_clock import WallClock
 
 __all__ = ["TimestepCurriculum", "PostHocEMA", "SampleGrid", "save_image_grid", "WallClock",
-           "AdaptiveTimestepSampling", "LossAwareTimestepSampling", "PreemptionCheckpoint"]
+           "AdaptiveTimestepSampling", "LossAwareTimestepSampling", "PreemptionCheckpoint",
+           "LastCheckpoint"]

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from ..clock import images_seen
+from ..clock import ImageClock, images_seen
 from ..timesteps import LogNormalSigma, TimestepDistribution
 from ..timesteps.curriculum import CLUSTERINGS, FixedPacer, PatiencePacer, cluster_bounds, stage_support
 
@@ -94,6 +94,9 @@ class TimestepCurriculum(pl.Callback):
     @property
     def stage(self) -> int:
         return self.pacer.stage
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        ImageClock.attach(trainer)  # switch times are logged in images seen (before the restore reads its state)
 
     # ------------------------------------------------------------------ partition and restriction
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

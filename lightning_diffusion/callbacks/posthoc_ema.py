@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ..clock import images_seen
+from ..clock import ImageClock, images_seen
 from ..ema import PowerFunctionEMA, check_sigma_rel, save_snapshot, snapshot_name, write_manifest
 from ..ema.snapshots import DTYPES, load_manifest
 
@@ -91,6 +91,7 @@ class PostHocEMA(pl.Callback):
 
     # ------------------------------------------------------------------ allocation and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        ImageClock.attach(trainer)  # the counted images seen: EMA decay and snapshot times read it
         if self.ema is None:
             target = getattr(pl_module, "net", None)
             module = target if isinstance(target, nn.Module) else pl_module

@@ -18,13 +18,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .last_checkpoint import checkpoint_folder
+
 __all__ = ["PreemptionCheckpoint"]
 
 
 class PreemptionCheckpoint(Callback):
     """Save ``<checkpoint dir>/preempted-step=N.ckpt`` after the optimizer step a signal arrived in, then exit.
 
-    The signal handler only sets a flag; the save happens in ``on_train_batch_end`` once the
+    Ctrl-C (SIGINT) does the same; a second Ctrl-C stops at once without a checkpoint. The
+    signal handler only sets a flag; the save happens in ``on_train_batch_end`` once the
     optimizer step has finished, so the checkpoint holds step N exactly and resumes from it
     (``--ckpt_path``). Under DDP the flag is all-reduced (any rank signalled -> every rank stops at
     the same step, rank 0 writes); single-process runs read a Python bool, no collective. The run
@@ -45,7 +48,7 @@ class PreemptionCheckpoint(Callback):
         # kill -USR1 <pid>  ->  ".../checkpoints/preempted-step=1234.ckpt", exit status 0
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), check_every_n_steps: int = 10,
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM", "SIGINT"), check_every_n_steps: int = 10,
                  dirpath: str | None = None) -> None:
         for name in signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
@@ -57,16 +60,22 @@ class PreemptionCheckpoint(Callback):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._last_step = -1
+        self.saved_step, self.saved_path = -1, ""
 
     @property
     def state_key(self) -> str:
         return "PreemptionCheckpoint"
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
         previous = self._previous.get(signum)
-        if signum != signal.SIGTERM and callable(previous):
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:  # pressed twice: stop at once, as Ctrl-C always does
+                raise KeyboardInterrupt
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this optimizer step (press Ctrl-C again to stop "
+                        b"at once, without one)\n")
+        elif signum != signal.SIGTERM and callable(previous):
             previous(signum, frame)  # e.g. Lightning's SLURM requeue on SIGUSR1
+        self.received = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning registered its handlers (Trainer._run), so ours wrap or replace them.
@@ -100,16 +109,9 @@ class PreemptionCheckpoint(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        path = os.path.join(self._folder(trainer), f"preempted-step={step}.ckpt")
+        path = os.path.join(checkpoint_folder(trainer, self.dirpath), f"preempted-step={step}.ckpt")
         trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; global rank 0 writes
+        self.saved_step, self.saved_path = step, path  # LastCheckpoint links last.ckpt to it
         rank_zero_info(f"PreemptionCheckpoint: signal received; saved {path} at step {step}; "
                        f"resume with --ckpt_path={path}")
         raise SIGTERMException()  # a SystemExit with status 0, Lightning's own preemption exit
-
-    def _folder(self, trainer: pl.Trainer) -> str:
-        if self.dirpath:
-            return self.dirpath
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            return str(checkpoint.dirpath)
-        return os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")

@@ -7,7 +7,7 @@ import time
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ..clock import images_seen
+from ..clock import ImageClock, images_seen
 
 __all__ = ["WallClock"]
 
@@ -27,6 +27,9 @@ class WallClock(pl.Callback):
     def __init__(self) -> None:
         self.train_seconds = 0.0
         self._since: float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        ImageClock.attach(trainer)
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:

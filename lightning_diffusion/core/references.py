@@ -1,9 +1,10 @@
 """Where Stable Target Field references come from (ALGORITHMS.md 2, reference set choices).
 
 Every source returns the minibatch first (sample i's own image at index i, or at ``own_index``)
-followed by extra images, plus a mask of extras that duplicate a batch image, so each sample's
-own clean image is in its reference set exactly once. Pure torch: the run is reached by duck
-typing (``module.trainer.datamodule``, ``torch.distributed``), never by importing Lightning.
+followed by extra images. Sample i's own clean image must count exactly once: other copies of it
+(a batch duplicate, a queued or fresh draw of the same item) are found by :func:`own_duplicates`
+and dropped for sample i only. Pure torch: the run is reached by duck typing
+(``module.trainer.datamodule``, ``torch.distributed``), never by importing Lightning.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 __all__ = ["ReferenceSet", "ReferenceSource", "FreshReferences", "GatheredReferences", "QueueReferences",
-           "BatchReferences", "make_reference_source", "duplicate_mask"]
+           "BatchReferences", "make_reference_source", "duplicate_mask", "own_duplicates"]
 
 _NUM_PROJECTIONS = 4  # all 4 random projections must agree: accidental matches ~ (1e-5)^4 per pair
 
@@ -27,7 +28,7 @@ class ReferenceSet:
     images: Tensor  # [n, C, H, W], the minibatch first
     labels: Tensor | None  # [n] or None
     own_index: Tensor | None  # [B]; None means arange(B)
-    exclude: Tensor | None  # [n] bool, references to drop (never a sample's own)
+    exclude: Tensor | None  # [n] bool, references to drop for every sample (never a sample's own)
 
 
 _PROJECTIONS: dict[tuple[int, str], Tensor] = {}
@@ -45,6 +46,9 @@ def _fingerprint(images: Tensor) -> Tensor:
 def duplicate_mask(batch: Tensor, references: Tensor, own: Tensor | None = None) -> Tensor:
     """[n] bool: references identical to some batch image (by 4 random projections), own entries excluded.
 
+    Set semantics, for every sample at once; :class:`~.targets.StableTargetField` uses the
+    per-sample rule of :func:`own_duplicates` instead (only a sample's own image must be unique).
+
     Vectorized, no host sync. Identical images give projections equal up to fp32 rounding
     (tolerance 1e-5 * sqrt(d)); distinct ones collide with negligible probability.
     """
@@ -55,6 +59,24 @@ def duplicate_mask(batch: Tensor, references: Tensor, own: Tensor | None = None)
     own = torch.arange(batch.shape[0], device=batch.device) if own is None else own
     dup[own] = False
     return dup
+
+
+def own_duplicates(references: Tensor, own_index: Tensor | None, batch: int | None = None) -> Tensor:
+    """[B, n] bool: reference j is a copy of sample i's own image ``references[own_index[i]]``, j not own.
+
+    Same 4 random projections and tolerance as :func:`duplicate_mask`: one [n, d] x [d, 4] matmul
+    and [B, n] comparisons, never a [B, n, d] tensor. ``own_index=None`` means ``arange(batch)``
+    (the batch first; without ``batch``, every reference is some sample's own image).
+    """
+    n = references.shape[0]
+    own = torch.arange(n if batch is None else batch, device=references.device) if own_index is None else own_index
+    prints = _fingerprint(references)
+    own_prints, tol = prints[own], 1e-5 * references[0].numel() ** 0.5
+    match = torch.ones(own.shape[0], n, dtype=torch.bool, device=references.device)
+    for k in range(_NUM_PROJECTIONS):
+        match &= (own_prints[:, k, None] - prints[None, :, k]).abs() <= tol
+    match[torch.arange(own.shape[0], device=own.device), own] = False
+    return match
 
 
 def _seed(*parts: int) -> int:
@@ -177,7 +199,7 @@ class FreshReferences(ReferenceSource):
         all_labels = None
         if labels is not None:
             all_labels = torch.cat([labels, ref_labels.to(labels.device, non_blocking=True)])
-        return ReferenceSet(refs, all_labels, None, duplicate_mask(x0, refs))
+        return ReferenceSet(refs, all_labels, None, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed}
@@ -207,7 +229,7 @@ class GatheredReferences(ReferenceSource):
             all_labels = labels.new_empty(world * batch)
             dist.all_gather_into_tensor(all_labels, labels.contiguous())
         own = rank * batch + torch.arange(batch, device=x0.device)
-        return ReferenceSet(images, all_labels, own, duplicate_mask(x0, images, own))
+        return ReferenceSet(images, all_labels, own, None)
 
 
 class QueueReferences(ReferenceSource):
@@ -232,7 +254,7 @@ class QueueReferences(ReferenceSource):
         all_labels = None
         if labels is not None:
             all_labels = torch.cat([labels, self.labels[: self.count].to(labels.device)])
-        return ReferenceSet(refs, all_labels, None, duplicate_mask(x0, refs))
+        return ReferenceSet(refs, all_labels, None, None)
 
     def after_step(self, x0: Tensor, labels: Tensor | None) -> None:
         capacity = self.reference_size - x0.shape[0]

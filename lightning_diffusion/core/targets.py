@@ -2,7 +2,9 @@
 
 A target object maps one training draw to the tensor the model output is regressed on, in the
 prediction's space. All targets share the signature
-``target(param, x0, noise, x_noisy, level, class_labels) -> Tensor`` so YAML can swap them.
+``target(param, x0, noise, x_noisy, level, class_labels, data_labels=None) -> Tensor`` so YAML can
+swap them: ``class_labels`` are what the network is conditioned on (the null label where guidance
+dropout hid it), ``data_labels`` the images' true labels (default: ``class_labels``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .precondition import Parametrization
-from .references import ReferenceSource, make_reference_source
+from .references import ReferenceSource, make_reference_source, own_duplicates
 
 __all__ = ["RegressionTarget", "StandardTarget", "StableTargetField", "stf_target"]
 
@@ -29,6 +31,7 @@ class RegressionTarget:
         x_noisy: Tensor,
         level: Tensor,
         class_labels: Tensor | None = None,
+        data_labels: Tensor | None = None,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -47,6 +50,7 @@ class StandardTarget(RegressionTarget):
         x_noisy: Tensor,
         level: Tensor,
         class_labels: Tensor | None = None,
+        data_labels: Tensor | None = None,
     ) -> Tensor:
         return param.target(x0, noise, level)
 
@@ -82,7 +86,8 @@ def stf_target(
 
     Class-conditional option: with ``labels`` [B] and ``ref_labels`` [n], sample i only attends to
     references of its class; samples whose label is ``null_label`` (guidance dropout) attend to all.
-    ``exclude`` [n] bool drops references (e.g. duplicates of batch images); a sample's own
+    ``exclude`` drops references, for every sample ([n] bool) or per sample ([B, n] bool, e.g.
+    other copies of the sample's own image, :func:`~.references.own_duplicates`); a sample's own
     reference is never dropped.
     """
     batch, n = x_noisy.shape[0], references.shape[0]
@@ -105,7 +110,7 @@ def stf_target(
             if null_label is not None:
                 allowed |= (labels == null_label)[:, None]
         if exclude is not None:
-            keep = ~exclude[None, :]
+            keep = ~(exclude if exclude.ndim == 2 else exclude[None, :])
             allowed = keep if allowed is None else allowed & keep
         if allowed is not None:
             own = torch.arange(batch, device=x.device) if own_index is None else own_index
@@ -131,9 +136,11 @@ class StableTargetField(RegressionTarget):
     * ``"queue"``: a FIFO of the last ``reference_size - B`` training images (no extra loading);
     * ``"batch"``: the minibatch only.
 
-    Extras identical to a batch image are dropped, so each sample's own image is present exactly
-    once. Each micro-batch builds its own set (gradient accumulation). ``class_conditional``
-    restricts each sample to references of its class (null-label samples use all).
+    Other copies of a sample's own image (a batch duplicate, a queued or fresh draw of the same
+    item) are dropped for that sample only, so its own image is present exactly once. Each
+    micro-batch builds its own set (gradient accumulation). ``class_conditional`` restricts each
+    sample to references of its true class; samples whose label guidance dropout replaced by
+    the null label use all references, and the references (and the queue) keep true labels.
 
     Example (YAML)::
 
@@ -171,16 +178,21 @@ class StableTargetField(RegressionTarget):
         x_noisy: Tensor,
         level: Tensor,
         class_labels: Tensor | None = None,
+        data_labels: Tensor | None = None,
     ) -> Tensor:
-        refs = self.source.references(x0, class_labels)
+        true_labels = class_labels if data_labels is None else data_labels  # references keep these
+        refs = self.source.references(x0, true_labels)
         a, s = param.process.alpha_sigma(level)
         use_labels = self.class_conditional and class_labels is not None and refs.labels is not None
+        exclude = own_duplicates(refs.images, refs.own_index, x0.shape[0])  # own image exactly once
+        if refs.exclude is not None:
+            exclude |= refs.exclude[None, :]
         x0_target = stf_target(
             x_noisy, s, refs.images, refs.own_index, scale=a,
             labels=class_labels if use_labels else None, ref_labels=refs.labels if use_labels else None,
-            null_label=self.null_label, exclude=refs.exclude, chunk_size=self.chunk_size,
+            null_label=self.null_label, exclude=exclude, chunk_size=self.chunk_size,
         )
-        self.source.after_step(x0, class_labels)
+        self.source.after_step(x0, true_labels)
         return param.target_from_x0(x0_target.to(x_noisy.dtype), x_noisy, level)
 
     def state_dict(self) -> dict[str, Any]:
