@@ -37,6 +37,7 @@ TINY_CALLBACK_ARGS = {
     "TimestepCurriculum": {"num_clusters": 4, "patience": 2, "max_steps_per_stage": 4, "check_every_n_steps": 2,
                            "verbose": False},
     "PostHocEMA": {"snapshot_every_nimg": SNAPSHOT_EVERY_NIMG},
+    "LastCheckpoint": {"every_n_steps": 8},  # a save mid-run and at the end, under DDP
 }
 
 
@@ -45,7 +46,7 @@ def _tiny_overlay(tmp_path: Path) -> Path:
     recipe = yaml.safe_load(RECIPE.read_text())
     callbacks = recipe["trainer"]["callbacks"]
     names = [c["class_path"].rsplit(".", 1)[-1] for c in callbacks]
-    assert names == ["LossAwareTimestepSampling", "TimestepCurriculum", "PostHocEMA"]
+    assert names == ["LossAwareTimestepSampling", "TimestepCurriculum", "PostHocEMA", "LastCheckpoint"]
     assert recipe["model"]["init_args"]["target"]["init_args"]["source"] == "gather"
     for callback, name in zip(callbacks, names):
         callback["init_args"].update(TINY_CALLBACK_ARGS[name])
@@ -104,7 +105,7 @@ def _check_run(tmp_path: Path) -> dict:
     assert sorted(p.name for p in run.iterdir()) == ["lightning_logs"]
     assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == ["run"]
     assert len(list(tmp_path.rglob("config.yaml"))) == 1 and (log_dir / "config.yaml").is_file()
-    checkpoints = sorted(tmp_path.rglob("*.ckpt"))  # Lightning's after validation, then last.ckpt
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))  # Lightning's at the epoch's end, then last.ckpt
     assert [p.name for p in checkpoints] == [f"epoch=0-step={STEPS}.ckpt", "last.ckpt"]
     assert all(p.parent == log_dir / "checkpoints" for p in checkpoints)
     assert rank0["checkpoint_io"] == rank1["checkpoint_io"] == "AtomicCheckpointIO"  # the CLI's default
