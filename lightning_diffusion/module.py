@@ -8,7 +8,6 @@ wrap ``module.timesteps`` and read per-sample losses from the ``outputs`` of ``t
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -18,14 +17,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from .checkpoint_compat import check_checkpoint_fits, is_plain
 from .clock import ImageClock, images_per_step, images_seen
+from .divergence import DivergenceGuard, NonFiniteLossError
 from .core.noise import EDMProcess, NoiseProcess, VPProcess
 from .core.precondition import Parametrization
+from .core.seeds import stream_seed
 from .core.targets import RegressionTarget, StandardTarget
 from .core.weighting import ConstantWeighting, LossWeighting
-from .metrics.fd import FrechetDistance
+from .metrics.fd import FrechetDistance, add_generated
 from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
-from .optim import EDM2LRScheduler, group_settings, reapply_settings
+from .optim import group_settings, reapply_settings
+from .protocol import StepOutput, step_output
 from .sampling import DiffusionSampler
 from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
 from .validation import level_buckets, validation_losses
@@ -33,21 +36,6 @@ from .validation import level_buckets, validation_losses
 __all__ = ["DiffusionLightningModule", "NonFiniteLossError"]
 
 _STANDARD_TARGET = StandardTarget()
-_NEVER = 2**62  # "no non-finite step seen" in the on-device record of the first bad step
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (a non-finite loss or weights); raised before a checkpoint of it is written."""
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
 
 
 def _default_timesteps(process: NoiseProcess) -> TimestepDistribution:
@@ -70,13 +58,6 @@ def _check_timesteps(timesteps: TimestepDistribution, process: NoiseProcess) -> 
         )
 
 
-def _last_checkpoint(trainer: pl.Trainer) -> str:
-    """The newest checkpoint file this run's checkpoint callbacks wrote, or 'none saved yet'."""
-    paths = [getattr(cb, "_last_checkpoint_saved", "") for cb in trainer.checkpoint_callbacks]
-    paths = [p for p in paths if p and os.path.isfile(p)]
-    return repr(str(max(paths, key=os.path.getmtime))) if paths else "none saved yet"
-
-
 def _check_data_fits_net(net: nn.Module, datamodule: Any) -> None:
     """A network given explicitly (not linked by the CLI) must take the data's channels and size."""
     for net_name, data_name in (("in_channels", "channels"), ("image_size", "image_size")):
@@ -85,46 +66,6 @@ def _check_data_fits_net(net: nn.Module, datamodule: Any) -> None:
             raise ValueError(
                 f"{type(net).__name__}.{net_name}={have} does not match {type(datamodule).__name__}.{data_name}="
                 f"{want}; use {net_name}={want} (the CLI links it from data.{data_name}).")
-
-
-def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(config, dict):
-        return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): config}
-
-
-def _setting_changes(module: pl.LightningModule, checkpoint: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(setting, the checkpoint's value, this run's)`` for each hyperparameter that differs."""
-    before, now = _flat(dict(checkpoint.get("hyper_parameters") or {})), _flat(dict(module.hparams))
-    return [(k, before[k], now[k]) for k in sorted(set(before) & set(now)) if before[k] != now[k]]
-
-
-def _check_checkpoint_fits(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Refuse, in one sentence, a checkpoint whose tensors do not fit the model (another config);
-    name the settings that differ when it fits (the run's own settings are used)."""
-    saved = checkpoint.get("state_dict")
-    if saved is None:
-        return
-    changes = _setting_changes(module, checkpoint)
-    own = module.state_dict()
-    wrong_shape = sorted(k for k in set(saved) & set(own) if tuple(saved[k].shape) != tuple(own[k].shape))
-    unmatched = sorted(k for k in set(saved) ^ set(own) if not k.startswith("fd."))  # FD states stay out
-    if not wrong_shape and not unmatched:
-        if changes:
-            rank_zero_info("--ckpt_path: resuming with this run's model settings where they differ from the "
-                           "checkpoint's: " + ", ".join(f"{k}={now!r} (checkpoint: {was!r})" for k, was, now in changes))
-        return
-    differ = [f"{k}={was!r} in the checkpoint but {now!r} now" for k, was, now in changes]
-    if differ:
-        reason = ", ".join(differ)
-    elif wrong_shape:
-        k = wrong_shape[0]
-        reason = f"tensor {k!r} has shape {list(saved[k].shape)} in the checkpoint but {list(own[k].shape)} here"
-    else:
-        k = unmatched[0]
-        reason = f"tensor {k!r} is {'only in the checkpoint' if k in saved else 'not in the checkpoint'}"
-    raise ValueError(f"--ckpt_path: the checkpoint does not match the model ({reason}); resume with the "
-                     f"checkpoint's settings or start a new run without ckpt_path.")
 
 
 class DiffusionLightningModule(pl.LightningModule):
@@ -197,7 +138,7 @@ class DiffusionLightningModule(pl.LightningModule):
         with warnings.catch_warnings():  # the nn.Module arguments are dropped right below
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
-        for key in [k for k, v in self.hparams.items() if not _is_plain(v)]:
+        for key in [k for k, v in self.hparams.items() if not is_plain(v)]:
             del self.hparams[key]
         self.net = net
         self.uncertainty = uncertainty  # a submodule: self.parameters() hands it to the optimizer
@@ -233,7 +174,7 @@ class DiffusionLightningModule(pl.LightningModule):
         self.image_shape: tuple[int, ...] | None = None
         self._generator: torch.Generator | None = None
         self.check_finite = check_finite
-        self._first_nonfinite: Tensor | None = None  # on device: first optimizer step with a bad loss
+        self.divergence = DivergenceGuard(check_finite)
         self._optimizer_settings: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup and state
@@ -256,9 +197,8 @@ class DiffusionLightningModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, EDM2LRScheduler) and scheduler.batch_size is None:
-            scheduler.follow_trainer = True  # kept in its state: re-read on resume (on_train_start)
-            scheduler.set_batch_size(self._images_per_step_for("EDM2LRScheduler.batch_size"))
+        if getattr(scheduler, "wants_image_clock", False):  # EDM2LRScheduler without a batch_size
+            scheduler.attach_image_clock(self._images_per_step_for(f"{type(scheduler).__name__}.batch_size"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _images_per_step_for(self, setting: str) -> int:
@@ -269,7 +209,7 @@ class DiffusionLightningModule(pl.LightningModule):
                              f"give the images per optimizer step over all devices.") from error
 
     def on_train_start(self) -> None:
-        self._first_nonfinite = None  # a new fit (e.g. with a lower learning rate) starts clean
+        self.divergence.reset()  # a new fit (e.g. with a lower learning rate) starts clean
         # A resume restored the checkpoint's optimizer settings over this run's: put this run's back
         # (e.g. the lower learning rate the divergence message advises), and say so.
         if self.trainer.ckpt_path and self._optimizer_settings and len(self.trainer.optimizers) == 1:
@@ -312,7 +252,7 @@ class DiffusionLightningModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called while the checkpoint is assembled, before any byte is written: raising here keeps
         # every checkpoint of the run finite (ModelCheckpoint included).
-        self._stop_if_nonfinite(weights=True)
+        self.divergence.check(self, weights=True)
         checkpoint["diffusion"] = {
             "draws": self.draws,
             "batch_size_per_device": self.batch_size_per_device,
@@ -326,7 +266,7 @@ class DiffusionLightningModule(pl.LightningModule):
         # another model is one sentence, not a list of every mismatched tensor. load_from_checkpoint
         # (no trainer, maybe strict=False on purpose) and strict_loading=False are left alone.
         if self._trainer is not None and self.strict_loading:
-            _check_checkpoint_fits(self, checkpoint)
+            check_checkpoint_fits(self, checkpoint)
         state = checkpoint.get("diffusion")
         if state is None:
             return
@@ -350,10 +290,8 @@ class DiffusionLightningModule(pl.LightningModule):
         return self._generator
 
     def _stream_seed(self, key: int) -> int:
-        """Distinct 63-bit seeds per (seed, global rank, key) via a multiplicative hash."""
-        rank = self.global_rank if self._trainer is not None else 0
-        mixed = (self.seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB)
-        return mixed % (2**63 - 1)
+        """Distinct 63-bit seeds per (seed, global rank, key) (:func:`~lightning_diffusion.core.seeds.stream_seed`)."""
+        return stream_seed(self.seed, self.global_rank if self._trainer is not None else 0, key)
 
     # ------------------------------------------------------------------ training
     def unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -394,11 +332,23 @@ class DiffusionLightningModule(pl.LightningModule):
             weight = self.weighting(self.process.snr(level), self.prediction)
         return output, x_noisy, mse, weight
 
+    @torch.no_grad()
+    def lookahead_loss(self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        """Protocol (docs/callbacks.md): per-sample ``weight * mse`` at given levels, standard target, fp32."""
+        _, _, mse, weight = self.weighted_mse(x0, noise, level, labels)
+        return (weight * mse).float()
+
+    @torch.no_grad()
+    def denoise(self, x_noisy: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        """Protocol (docs/callbacks.md): the network's estimate of the clean data at ``level``."""
+        output = self.param.predict(self.net, x_noisy, level, labels)
+        return self.param.to_x0(output.float(), x_noisy.float(), level)
+
     def diffusion_loss(
         self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
-    ) -> dict[str, Tensor]:
+    ) -> StepOutput:
         """One training draw: per-sample weighted losses and what produced them."""
-        level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0)
+        level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0, labels=labels)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         net_labels = self.drop_labels(labels, generator)  # dropout hides labels from the network only
         _, _, mse, weight = self.weighted_mse(x0, noise, level, net_labels, target=self.target, data_labels=labels)
@@ -409,10 +359,9 @@ class DiffusionLightningModule(pl.LightningModule):
                 u = self.uncertainty(uncertainty_noise_level(self.process, level)).float()
             trained = uncertainty_loss(per_sample, u)  # ALGORITHMS.md 3.2
         loss = (trained * importance).mean()
-        return {"loss": loss, "per_sample_loss": per_sample.detach(), "mse": mse.detach(),
-                "level": level, "importance_weight": importance}
+        return step_output(loss, per_sample, level, importance, mse=mse.detach())
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> StepOutput:
         x0, labels = self.unpack(batch)
         self.batch_size_per_device = x0.shape[0]
         generator = self.step_generator(x0.device, self.draws)
@@ -421,53 +370,15 @@ class DiffusionLightningModule(pl.LightningModule):
         torch.manual_seed(self._stream_seed(self.draws) ^ (1 << 62))
         self.draws += 1
         out = self.diffusion_loss(x0, labels, generator)
-        self._record_nonfinite(out["loss"])
+        self.divergence.record(out["loss"], self.global_step + 1, self.trainer.precision)
         # Log only on the steps Lightning writes ((step + 1) % n == 0): no per-step logging cost,
         # no per-step .item() host sync from the progress bar, and bucket values never stale.
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
-            self._stop_if_nonfinite(weights=False)  # Lightning syncs on these steps anyway
+            self.divergence.check(self, weights=False)  # Lightning syncs on these steps anyway
             self.log("train/loss", out["loss"], prog_bar=True)
             self._log_buckets(out["level"], out["per_sample_loss"])
         return out
-
-    # ------------------------------------------------------------------ divergence guard
-    def _record_nonfinite(self, loss: Tensor) -> None:
-        """Keep the first optimizer step with a nan/inf loss in a device tensor: no host sync."""
-        if not self.check_finite or self.trainer.precision == "16-mixed":
-            return
-        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
-            self._first_nonfinite = torch.full((), _NEVER, dtype=torch.long, device=loss.device)
-        bad = (~torch.isfinite(loss.detach())).long()
-        step = self.global_step + 1  # the optimizer step this loss feeds
-        torch.minimum(self._first_nonfinite, _NEVER - bad * (_NEVER - step), out=self._first_nonfinite)
-
-    def _stop_if_nonfinite(self, weights: bool) -> None:
-        """Raise :class:`NonFiniteLossError` if a loss (or, with ``weights``, a weight) is nan/inf.
-
-        One host sync; under DDP one all-reduce (min), reached by every rank at the same step (logging
-        steps, checkpoint saves and validations are the same on every rank), so all ranks stop.
-        """
-        if not self.check_finite or self._trainer is None:
-            return
-        first = self._first_nonfinite
-        if first is None:
-            first = torch.full((), _NEVER, dtype=torch.long, device=self.device)
-        if weights:
-            finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-            now = torch.tensor(self.global_step, device=first.device)  # the update that made them
-            first = torch.where(finite, first, torch.minimum(first, now))
-        if self.trainer.world_size > 1:
-            first = self.trainer.strategy.reduce(first, reduce_op="min")
-        step = int(first.item())
-        if step == _NEVER:
-            return
-        last_good = _last_checkpoint(self.trainer)
-        raise NonFiniteLossError(
-            f"DiffusionLightningModule: the training loss or weights became non-finite (nan/inf) at optimizer "
-            f"step {step}, so training stopped without saving it (last good checkpoint: {last_good}); "
-            f"use a lower learning rate or gradient clipping (trainer.gradient_clip_val), or check_finite=false "
-            f"to train on.")
 
     def _log_buckets(self, level: Tensor, per_sample: Tensor, num_buckets: int = 4) -> None:
         """Loss per noise-level quarter (0 = least noise); runs only on logging steps."""
@@ -493,7 +404,7 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self._stop_if_nonfinite(weights=True)  # no sampling and FD from nan weights
+            self.divergence.check(self, weights=True)  # no sampling and FD from nan weights
         if self.fd is not None:
             self.fd.reset()
 
@@ -503,12 +414,7 @@ class DiffusionLightningModule(pl.LightningModule):
         # Every rank generates its share and computes: the metric all-reduces its sums.
         per_rank = -(-self.fd_samples // self.trainer.world_size)
         generator = torch.Generator(device=self.device).manual_seed(self.val_seed + 7 * self.global_rank)
-        for start in range(0, per_rank, 256):
-            n = min(256, per_rank - start)
-            labels = None
-            if self.num_classes:
-                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=self.device)
-            self.fd.update(self.sample(n, class_labels=labels, generator=generator), real=False)
+        add_generated(self.fd, self.sample, per_rank, self.num_classes, generator)
         self.log("val/fd", self.fd.compute(), prog_bar=True, sync_dist=False)
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

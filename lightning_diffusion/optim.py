@@ -84,6 +84,16 @@ class EDM2LRScheduler(LRScheduler):
             group["lr"] = rate
         self._last_lr = rates
 
+    @property
+    def wants_image_clock(self) -> bool:
+        """True without a ``batch_size``: a ``DiffusionLightningModule`` then attaches its image clock."""
+        return self.batch_size is None
+
+    def attach_image_clock(self, images_per_step: int) -> None:
+        """Follow the trainer's image clock (kept in the state: re-read on resume) from ``images_per_step``."""
+        self.follow_trainer = True
+        self.set_batch_size(images_per_step)
+
     def follow(self, images_done: int, batch_size: int) -> None:
         """Read the images seen from the image clock (called once per optimizer step, before ``step()``)."""
         self.images_done, self.batch_size, self._following = int(images_done), int(batch_size), True

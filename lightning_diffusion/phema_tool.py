@@ -198,6 +198,10 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _rebuild(args: argparse.Namespace) -> None:
+    if not args.template and newest_checkpoint(args.run_dir) is None:  # every CLI fit leaves last.ckpt
+        print(f"lightning-diffusion-phema: {args.run_dir} holds no training checkpoint (*.ckpt) to copy, so this "
+              f"writes plain weights-*.pt (a state_dict for load_state_dict) instead of phema-*.ckpt; pass "
+              f"--template <a .ckpt of this model> for checkpoints that validate and predict load", file=sys.stderr)
     for path in rebuild(args.run_dir, args.sigma_rel, args.nimg, args.template, args.out):
         print(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import lightning.pytorch as pl
 import pytest
@@ -62,3 +63,50 @@ def _no_master_port(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     yield
     os.environ.pop("MASTER_PORT", None)
+
+
+class _EndSession:
+    """The SIGINT/SIGTERM handler while a test runs: note the signal, stop the test with KeyboardInterrupt."""
+
+    def __init__(self, received: list[int]) -> None:
+        self.received = received
+
+    def __call__(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} during a test")
+
+
+@pytest.fixture(autouse=True)
+def _signals_end_the_session(monkeypatch, request):
+    """Ctrl-C or SIGTERM while a test runs ends the whole session, even mid-fit.
+
+    During an in-process fit, PreemptionCheckpoint (and Lightning's SIGTERM handler) turn these
+    signals into "save at the next step, exit 0", which ended only the running test, and Lightning
+    answers a KeyboardInterrupt by ignoring SIGINT for good (trainer/call.py): pytest could then be
+    stopped only by SIGKILL. Here every SIGINT/SIGTERM handler a test installs is replaced by one
+    that raises KeyboardInterrupt (reinstalling pytest's own handler is let through, so code that
+    restores SIGINT's sees it restored), and so is SIGTERM's default; after the test the handlers are
+    restored and, if such a signal arrived, the session ends (exit status 2, pytest's "interrupted").
+    A Ctrl-C outside a fit is pytest's usual KeyboardInterrupt. Tests of signal handling
+    therefore send signals to a CLI subprocess, never to the pytest process.
+    """
+    original = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    received: list[int] = []
+    install = signal.signal
+
+    def guarded(signum, handler):
+        if signum in original and (signum == signal.SIGTERM or handler is not original[signum]) \
+                and not isinstance(handler, _EndSession):
+            handler = _EndSession(received)
+        return install(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", guarded)
+    guarded(signal.SIGTERM, signal.SIG_DFL)  # not killed outright either: pytest reports and cleans up
+    yield
+    monkeypatch.setattr(signal, "signal", install)
+    for signum, handler in original.items():
+        install(signum, handler)
+    if received:
+        names = " and ".join(sorted({signal.Signals(s).name for s in received}))
+        pytest.exit(f"{names} during {request.node.nodeid}: stopping the session",
+                    returncode=pytest.ExitCode.INTERRUPTED)

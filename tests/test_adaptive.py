@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import gen, quiet_trainer
 from lightning_diffusion import DiffusionLightningModule
 from lightning_diffusion.callbacks import AdaptiveTimestepSampling, LossAwareTimestepSampling
-from lightning_diffusion.core.noise import EDMProcess
+from lightning_diffusion.core.noise import EDMProcess, VPProcess
+from lightning_diffusion.core.precondition import Parametrization
+from lightning_diffusion.core.vlb import vlb_weights
 from lightning_diffusion.core.weighting import MinSNRWeighting
 from lightning_diffusion.networks import UNet
 from lightning_diffusion.timesteps import AdaptiveTimesteps, LogNormalSigma, UniformTimesteps
 from lightning_diffusion.timesteps.beta import beta_sample, log_gamma_sample
-from lightning_diffusion.timesteps.lookahead import LookaheadBatch, LookaheadBuffer
+from lightning_diffusion.timesteps.lookahead import LookaheadBatch, LookaheadBuffer, VLBTerm
 
 ADAM = functools.partial(torch.optim.Adam, lr=2e-3)
 BATCH = 8
@@ -136,11 +138,10 @@ def test_state_round_trip_reproduces_the_next_draw_and_step():
 
 # ---------------------------------------------------------------------- look-ahead
 class _FakeModule:
-    """weighted_mse with a known answer: loss = level * mean(x0) + mean(noise) + 100 * label."""
+    """lookahead_loss with a known answer: loss = level * mean(x0) + mean(noise) + 100 * label."""
 
-    def weighted_mse(self, x0, noise, level, labels):
-        mse = level.float() * x0.flatten(1).mean(1) + noise.flatten(1).mean(1) + 100 * labels.float()
-        return None, None, mse, torch.ones_like(mse)
+    def lookahead_loss(self, x0, noise, level, labels):
+        return level.float() * x0.flatten(1).mean(1) + noise.flatten(1).mean(1) + 100 * labels.float()
 
 
 def test_lookahead_batch_layout_and_common_noise():
@@ -184,6 +185,66 @@ def test_feature_selection_recovers_planted_levels_from_the_last_entries():
     last = _planted(20, (0, 4, 5), seed=1)
     torch.testing.assert_close(buffer.dL, torch.stack(last))  # the ring holds exactly the last 20
     torch.testing.assert_close(buffer.y, torch.stack(last).sum(1))
+
+
+# ---------------------------------------------------------------------- the variational-bound reward
+def _linear_abar(T: int = 1000) -> tuple[list[float], list[float]]:
+    """The linear schedule by hand, in Python floats: (betas, abar)."""
+    betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    abar, prod = [], 1.0
+    for b in betas:
+        prod *= 1 - b
+        abar.append(prod)
+    return betas, abar
+
+
+def test_vlb_weight_matches_a_hand_computation_on_the_linear_schedule():
+    betas, abar = _linear_abar()
+    w = vlb_weights(VPProcess("linear", 1000))
+    assert w.dtype == torch.float64 and w.shape == (1000,)
+    for t in (1, 2, 10, 500, 999):
+        c0 = math.sqrt(abar[t - 1]) * betas[t] / (1 - abar[t])  # x0's coefficient in the posterior mean
+        var = (1 - abar[t - 1]) * betas[t] / (1 - abar[t])  # posterior variance beta~_t
+        hand = c0**2 / (2 * var) / math.log(2)
+        snr = [a / (1 - a) for a in (abar[t - 1], abar[t])]
+        assert w[t].item() == pytest.approx(hand, rel=1e-9)
+        assert w[t].item() == pytest.approx((snr[0] - snr[1]) / (2 * math.log(2)), rel=1e-7)
+    assert w[1].item() == pytest.approx(3933.25, rel=1e-5)  # pinned: SNR 9999 -> 4546.6
+    var1 = (1 - abar[0]) * betas[1] / (1 - abar[1])
+    assert w[0].item() == pytest.approx(1 / (2 * math.log(2) * var1), rel=1e-9)  # stand-in: beta~_0 := beta~_1
+    assert bool((w[1:] > 0).all()) and bool((w[1:-1] > w[2:]).all())  # decreasing in t on this schedule
+
+
+class _Predicts:
+    """denoise through a network whose output is the prediction-space image of a given x0_hat."""
+
+    def __init__(self, process, prediction, x0_hat):
+        self.param, self.process, self.x0_hat = Parametrization(process, prediction), process, x0_hat
+
+    def denoise(self, x_t, level, labels):
+        a, s = (v.double().view(-1, 1, 1, 1) for v in self.process.alpha_sigma(level))
+        eps_hat = (x_t.double() - a * self.x0_hat) / s
+        out = {"x0": self.x0_hat, "eps": eps_hat, "v": a * eps_hat - s * self.x0_hat}[self.param.prediction]
+        return self.param.to_x0(out.float(), x_t.float(), level)  # as DiffusionLightningModule.denoise
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_vlb_term_equals_the_kl_between_explicit_gaussians(prediction):
+    process = VPProcess("linear", 1000)
+    betas, abar = process.betas, process.alphas_cumprod
+    x0, noise = images(6, 2, 4, seed=1).double(), torch.randn(6, 2, 4, 4, generator=gen(2), dtype=torch.float64)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=gen(3), dtype=torch.float64)
+    t = torch.tensor([1, 2, 30, 300, 700, 999])
+    x_t = process.add_noise(x0.float(), noise.float(), t).double()
+    got = VLBTerm(process)(_Predicts(process, prediction, x0_hat), x0.float(), noise.float(), t, None)
+    for i, ti in enumerate(t.tolist()):
+        c0 = abar[ti - 1].sqrt() * betas[ti] / (1 - abar[ti])
+        ct = (1 - betas[ti]).sqrt() * (1 - abar[ti - 1]) / (1 - abar[ti])
+        std = ((1 - abar[ti - 1]) * betas[ti] / (1 - abar[ti])).sqrt()
+        true = torch.distributions.Normal(c0 * x0[i] + ct * x_t[i], std)
+        model = torch.distributions.Normal(c0 * x0_hat[i] + ct * x_t[i], std)
+        kl_bits_per_dim = torch.distributions.kl_divergence(true, model).mean() / math.log(2)
+        assert got[i].item() == pytest.approx(kl_bits_per_dim.item(), rel=2e-3), ti
 
 
 # ---------------------------------------------------------------------- the callback
@@ -236,8 +297,8 @@ def test_a_learning_network_gives_a_positive_decrease():
     assert (cb.buffer.y > 0).float().mean().item() >= 0.8
 
 
-def _fit(tmp_path, name, max_steps, ckpt_path=None, every_n_train_steps=None):
-    cb = AdaptiveTimestepSampling(update_every=2, probe_grid=6, buffer_size=3, show_subset=False)
+def _fit(tmp_path, name, max_steps, ckpt_path=None, every_n_train_steps=None, reward="loss"):
+    cb = AdaptiveTimestepSampling(update_every=2, probe_grid=6, buffer_size=3, show_subset=False, reward=reward)
     callbacks = [cb]
     if every_n_train_steps:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=every_n_train_steps,
@@ -294,9 +355,82 @@ def test_bad_settings_name_the_setting():
         AdaptiveTimestepSampling(update_every=0)
     with pytest.raises(ValueError, match="buffer_size=1"):
         AdaptiveTimestepSampling(buffer_size=1)
-    with pytest.raises(ValueError, match="cannot be combined"):
+    with pytest.raises(ValueError, match="both choose the training levels"):
         quiet_trainer(max_steps=1, callbacks=[LossAwareTimestepSampling(), AdaptiveTimestepSampling()]).fit(
             _module(), _loader())
+
+
+class _Capture(pl.Callback):
+    """Listed after the sampler's callback: the network before and after each step, its look-ahead
+    batch, and the reward handed to the policy."""
+
+    def __init__(self, cb: AdaptiveTimestepSampling):
+        self.cb, self.seen = cb, []
+
+    def on_train_start(self, trainer, pl_module):
+        step = self.cb.sampler.policy_step
+        self.cb.sampler.policy_step = lambda x0, u, reward, *a, **k: (self.seen.append(reward), step(
+            x0, u, reward, *a, **k))[1]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.cb._pending is not None:
+            self.before, self.batch = copy.deepcopy(pl_module.net.state_dict()), self.cb._pending[1]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if hasattr(self, "batch"):
+            self.after = copy.deepcopy(pl_module.net.state_dict())
+
+
+def _subset_term(module, batch, reward):
+    """The look-ahead's subset rows recomputed by hand: the weighted MSE, or w_t * mean (x0_hat - x0)^2."""
+    n = batch.subset * batch.batch
+    x0, noise, level = batch.x0[:n], batch.noise[:n], batch.level[:n]
+    module.net.eval()
+    with torch.no_grad():
+        output, x_t, mse, weight = module.weighted_mse(x0, noise, level, None)
+        x0_hat = module.param.to_x0(output, x_t, level)
+    w = vlb_weights(module.process)[level].float()
+    value = weight * mse if reward == "loss" else w * (x0_hat - x0).square().flatten(1).mean(1)
+    return value.view(batch.subset, batch.batch)
+
+
+@pytest.mark.parametrize("reward", ["loss", "vlb"])
+def test_the_reward_option_sets_what_the_policy_is_rewarded_with(reward):
+    cb = AdaptiveTimestepSampling(update_every=1, probe_grid=6, buffer_size=3, show_subset=False, reward=reward)
+    capture = _Capture(cb)
+    module = _module(prediction="v", optimizer=functools.partial(torch.optim.SGD, lr=0.05))
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[cb, capture]).fit(module, _loader())
+    assert isinstance(cb.term, VLBTerm) == (reward == "vlb") and len(capture.seen) == 2
+    terms = {}
+    for name in ("loss", "vlb"):
+        module.net.load_state_dict(capture.before)
+        before = _subset_term(module, capture.batch, name)
+        module.net.load_state_dict(capture.after)
+        terms[name] = (before - _subset_term(module, capture.batch, name)).sum(0)
+    torch.testing.assert_close(capture.seen[-1], terms[reward], rtol=1e-4, atol=1e-7)
+    other = terms["vlb" if reward == "loss" else "loss"]
+    assert not torch.allclose(capture.seen[-1], other, rtol=1e-2)  # the two rewards are told apart
+
+
+def test_resume_keeps_the_vlb_reward(tmp_path):
+    straight = _fit(tmp_path, "a", 8, reward="vlb")
+    _fit(tmp_path, "b", 4, every_n_train_steps=3, reward="vlb")
+    ckpt = tmp_path / "b" / "step=3.ckpt"
+    assert torch.load(ckpt, weights_only=True)["callbacks"]["AdaptiveTimestepSampling"]["reward"] == "vlb"
+    resumed = _fit(tmp_path, "b", 8, ckpt_path=ckpt, reward="vlb")
+    assert isinstance(resumed.term, VLBTerm) and resumed.updates == straight.updates == 4
+    assert torch.equal(resumed.buffer.dL, straight.buffer.dL)
+    assert all(torch.equal(p, q) for p, q in zip(_policy(resumed), _policy(straight)))
+    with pytest.raises(ValueError, match="holds reward='vlb' decreases; resume with reward='vlb'"):
+        _fit(tmp_path, "b", 8, ckpt_path=ckpt, reward="loss")
+
+
+def test_a_bad_reward_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"reward='kl' is not supported; use 'loss' or 'vlb'\.$"):
+        AdaptiveTimestepSampling(reward="kl")
+    cb = AdaptiveTimestepSampling(reward="vlb", show_subset=False)
+    with pytest.raises(ValueError, match=r"reward='vlb' needs a VPProcess .*; with EDMProcess use reward='loss'\.$"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(_module(process=EDMProcess(), prediction="x0"), _loader())
 
 
 # ---------------------------------------------------------------------- DDP

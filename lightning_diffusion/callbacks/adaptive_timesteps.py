@@ -3,32 +3,40 @@
 A thin adapter (ALGORITHMS.md 4): it installs :class:`~lightning_diffusion.timesteps.AdaptiveTimesteps`
 into the module and, every ``update_every`` optimizer steps, measures the losses of the current
 batch at the subset S and of a probe image on the probe grid just before the optimizer step and
-again just after it; the decrease trains the policy (REINFORCE) and re-selects S. The math lives
-in ``timesteps/adaptive.py`` and ``timesteps/lookahead.py``.
+again just after it; the decrease trains the policy (REINFORCE) and re-selects S. ``reward`` picks
+what is measured: the weighted training MSE (default) or the variational bound's per-timestep term
+(the paper's official choice). The math lives in ``timesteps/adaptive.py``, ``timesteps/lookahead.py``
+and ``core/vlb.py``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
 from rich import get_console
 from torch import Tensor
 
-from ..timesteps import AdaptiveTimesteps, LossAwareTimesteps
-from ..timesteps.lookahead import LookaheadBatch, LookaheadBuffer, evenly_spaced_subset, probe_quantiles
+from ..core.noise import VPProcess
+from ..core.seeds import stream_seed
+from ..protocol import require
+from ..timesteps import AdaptiveTimesteps, InverseCDFDistribution
+from ..timesteps.lookahead import (LookaheadBatch, LookaheadBuffer, LookaheadTerm, TrainingLossTerm, VLBTerm,
+                                   evenly_spaced_subset, probe_quantiles)
 from .collectives import all_reduce_mean
-from .sampler_install import install_sampler
 from .sampler_report import log_levels, subset_table
+from .timestep_sampler import TimestepSamplerCallback, evaluation_mode
 
 __all__ = ["AdaptiveTimestepSampling"]
 
 _TABLE_EVERY_S = 60.0  # the Rich table of S is printed at most this often
+REWARDS = ("loss", "vlb")
+_LOOKAHEAD_SALT = 3  # the look-ahead noise: a stream of its own (core/seeds.py)
 
 
-class AdaptiveTimestepSampling(pl.Callback):
+class AdaptiveTimestepSampling(TimestepSamplerCallback):
     """Learn pi(t | x0) so that the drawn timesteps are those whose updates lower the loss most.
 
     Args:
@@ -48,14 +56,22 @@ class AdaptiveTimestepSampling(pl.Callback):
             TensorBoard histogram), the policy's mean Beta and the last reward; default: the
             trainer's ``log_every_n_steps``; 0 turns it off.
         show_subset: print a Rich table of S on global rank 0 when it changes (at most once a minute).
+        reward: what "loss" the look-ahead measures, for the per-sample reward and the grid's
+            decreases alike. ``"loss"`` (default): the weighted training MSE with the standard target.
+            ``"vlb"``: the per-timestep KL term of the DDPM variational bound in bits/dim with the
+            posterior variance as the fixed reverse variance (``core/vlb.py``), what the paper's
+            official code uses; VPProcess only.
 
-    Before/after losses use the standard target and weighting (``module.weighted_mse``), run
-    without gradients and with the network in eval mode. With gradient accumulation they bracket
-    the real optimizer step once, on the last micro-batch. Under DDP the grid decreases are
-    averaged over ranks (so S is identical everywhere) and the policy's gradients are averaged
-    before its step (so the policy stays identical); each rank draws its own t. The policy and its
-    optimizer are checkpointed with the module's timestep distribution; the buffer, S and counters
-    in this callback's state. The update step syncs with the host once (to read S).
+    Reads from the module (docs/callbacks.md): ``timesteps`` (drawn with ``x0`` and ``labels``),
+    ``lookahead_loss`` (``reward="loss"``) or ``process`` and ``denoise`` (``reward="vlb"``), and the
+    ``training_step`` outputs ``level``, ``per_sample_loss``, ``importance_weight``. The before/after
+    losses run without gradients and with every submodule in eval mode (each one's mode restored
+    after); the images, labels and ``u'`` are the ones the sampler drew for the micro-batch that
+    steps. With gradient accumulation they bracket the real optimizer step once, on the last
+    micro-batch. Under DDP the grid decreases are averaged over ranks (so S is identical everywhere)
+    and the policy's gradients are averaged before its step (so the policy stays identical); each
+    rank draws its own t. The policy, its optimizer, the buffer, S and counters are in this
+    callback's state. The update step syncs with the host once (to read S).
 
     Example::
 
@@ -65,7 +81,9 @@ class AdaptiveTimestepSampling(pl.Callback):
     def __init__(self, update_every: int = 40, subset_size: int = 3, buffer_size: int = 20,
                  probe_grid: int | Sequence[float] = 20, probe_images: int = 1, ent_coef: float = 1e-2,
                  lr: float = 1e-2, max_grad_norm: float = 1.0, fresh_noise: bool = False, policy_channels: int = 32,
-                 seed: int = 0, log_distribution_every: int | None = None, show_subset: bool = True) -> None:
+                 seed: int = 0, log_distribution_every: int | None = None, show_subset: bool = True,
+                 reward: Literal["loss", "vlb"] = "loss") -> None:
+        super().__init__()
         for name, value in (("update_every", update_every), ("subset_size", subset_size),
                             ("probe_images", probe_images), ("policy_channels", policy_channels)):
             if value < 1:
@@ -75,6 +93,8 @@ class AdaptiveTimestepSampling(pl.Callback):
                              f"ent_coef={ent_coef}, lr={lr}, max_grad_norm={max_grad_norm}.")
         if log_distribution_every is not None and log_distribution_every < 0:
             raise ValueError(f"AdaptiveTimestepSampling.log_distribution_every={log_distribution_every} must be >= 0.")
+        if reward not in REWARDS:
+            raise ValueError(f"AdaptiveTimestepSampling.reward={reward!r} is not supported; use 'loss' or 'vlb'.")
         self.quantiles = probe_quantiles(probe_grid)
         if subset_size > len(self.quantiles):
             raise ValueError(f"AdaptiveTimestepSampling.subset_size={subset_size} must be <= the "
@@ -83,12 +103,13 @@ class AdaptiveTimestepSampling(pl.Callback):
         self.ent_coef, self.lr, self.max_grad_norm, self.fresh_noise = ent_coef, lr, max_grad_norm, fresh_noise
         self.policy_channels, self.seed = policy_channels, seed
         self.log_distribution_every, self.show_subset = log_distribution_every, show_subset
+        self.reward = reward
+        self.term: LookaheadTerm = TrainingLossTerm()
         self.buffer = LookaheadBuffer(len(self.quantiles), buffer_size)
         self.subset: list[int] = evenly_spaced_subset(len(self.quantiles), subset_size).tolist()
         self.updates = 0
         self.sampler: AdaptiveTimesteps | None = None
         self.grid_levels: Tensor | None = None
-        self._batch: Any = None
         self._pending: tuple[Tensor, LookaheadBatch, tuple[Tensor, Tensor], Tensor] | None = None
         self._last_reward: Tensor | None = None
         self._shown: list[int] | None = None
@@ -100,32 +121,42 @@ class AdaptiveTimestepSampling(pl.Callback):
 
     # ------------------------------------------------------------------ installation and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.sampler = install_sampler(
-            pl_module, "AdaptiveTimestepSampling", AdaptiveTimesteps, LossAwareTimesteps, "LossAwareTimestepSampling",
-            lambda base: AdaptiveTimesteps(base, self.lr, self.policy_channels, self.seed))
+        if self.reward == "vlb":
+            require(pl_module, "AdaptiveTimestepSampling(reward='vlb')", "process", "denoise")
+            process = pl_module.process
+            if not isinstance(process, VPProcess):
+                raise ValueError(f"AdaptiveTimestepSampling.reward='vlb' needs a VPProcess (the DDPM bound's "
+                                 f"per-timestep KL); with {type(process).__name__} use reward='loss'.")
+            self.term = VLBTerm(process)
+        else:
+            require(pl_module, "AdaptiveTimestepSampling", "lookahead_loss")
+        super().setup(trainer, pl_module, stage)
         self.grid_levels = self.sampler.base.icdf(self.quantiles)
 
+    def build(self, base: InverseCDFDistribution) -> AdaptiveTimesteps:
+        return AdaptiveTimesteps(base, self.lr, self.policy_channels, self.seed)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "subset": list(self.subset), "updates": self.updates}
+        return {"buffer": self.buffer.state_dict(), "subset": list(self.subset), "updates": self.updates,
+                "reward": self.reward, "timesteps": self.sampler_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("reward", "loss")  # checkpoints from before the option measured the loss
+        if saved != self.reward:
+            raise ValueError(f"AdaptiveTimestepSampling: the checkpoint's buffer holds reward={saved!r} decreases; "
+                             f"resume with reward={saved!r} (got {self.reward!r}).")
         self.buffer.load_state_dict(state_dict["buffer"])
         self.subset = [int(i) for i in state_dict["subset"]]
         self.updates = int(state_dict["updates"])
+        self.load_sampler_state(state_dict.get("timesteps"))
 
     # ------------------------------------------------------------------ before and after the step
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._batch = batch  # its labels, for the look-ahead of the micro-batch that steps
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         sampler = self.sampler
         if trainer.global_step % self.update_every or sampler is None or sampler.last_x0 is None:
             return
-        x0, u = sampler.last_x0, sampler.last_u
-        _, labels = pl_module.unpack(self._batch)
-        labels = None if labels is None else labels.to(x0.device)
+        x0, u, labels = sampler.last_x0, sampler.last_u, sampler.last_labels  # the draw of the stepping micro-batch
         levels = self.grid_levels.to(x0.device)
         generator = torch.Generator(device=x0.device).manual_seed(self._noise_seed(trainer))
         batch = LookaheadBatch(x0, labels, levels[torch.tensor(self.subset, device=x0.device)], levels,
@@ -134,10 +165,11 @@ class AdaptiveTimestepSampling(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        outputs = self.check_outputs(outputs)
         if self._pending is not None:
             self._update(trainer, pl_module)
         every = trainer.log_every_n_steps if self.log_distribution_every is None else self.log_distribution_every
-        if every and trainer.global_step % every == 0 and isinstance(outputs, dict) and "level" in outputs:
+        if every and trainer.global_step % every == 0:
             self._log(trainer, pl_module, outputs["level"])
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,20 +190,12 @@ class AdaptiveTimestepSampling(pl.Callback):
 
     def _losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 batch: LookaheadBatch) -> tuple[Tensor, Tensor]:
-        net = pl_module.net
-        was_training = net.training
-        net.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                return batch.losses(pl_module, chunk=2 * batch.batch)
-        finally:
-            net.train(was_training)
+        with evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
+            return batch.losses(pl_module, chunk=2 * batch.batch, term=self.term)
 
     def _noise_seed(self, trainer: pl.Trainer) -> int:
         # Per (seed, rank, step): resumable, and each rank probes with its own noise.
-        mixed = (self.seed * 0x2545F4914F6CDD1D + trainer.global_rank * 0x9E3779B97F4A7C15
-                 + trainer.global_step * 0xD6E8FEB86659FD93 + 0x5851F42D4C957F2D)
-        return mixed % (2**63 - 1)
+        return stream_seed(self.seed, trainer.global_rank, trainer.global_step, salt=_LOOKAHEAD_SALT)
 
     # ------------------------------------------------------------------ observability
     def _show(self, trainer: pl.Trainer) -> None:

@@ -15,12 +15,15 @@ from rich.console import Console
 from torch import Tensor
 
 from ..clock import ImageClock, images_seen
+from ..protocol import require, require_outputs
+from .steps import OptimizerStepGate
 from ..timesteps import LogNormalSigma, TimestepDistribution
 from ..timesteps.curriculum import CLUSTERINGS, FixedPacer, PatiencePacer, cluster_bounds, stage_support
 
 __all__ = ["TimestepCurriculum"]
 
 PACINGS = ("patience", "fixed")
+_CHECKED_BATCHES = 3  # micro-batches after each stage change whose levels are checked against the stage
 
 
 class TimestepCurriculum(pl.Callback):
@@ -81,6 +84,8 @@ class TimestepCurriculum(pl.Callback):
         self.level_bounds: list[float] | None = None
         self.switches: list[dict[str, Any]] = []  # {"step", "nimg", "stage"} of every switch
         self._last_step = 0
+        self.gate = OptimizerStepGate()
+        self._stage_checks = 0  # micro-batches whose levels are checked against the stage (after each change)
         self._micro_sum: Tensor | None = None
         self._micro_count = 0
         self._buffer: Tensor | None = None  # all-reduced per-step losses not yet read by the pacer
@@ -99,11 +104,12 @@ class TimestepCurriculum(pl.Callback):
         ImageClock.attach(trainer)  # switch times are logged in images seen (before the restore reads its state)
 
     # ------------------------------------------------------------------ partition and restriction
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.gate.start(trainer)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's setup (samplers installed or wrapped) and after checkpoint restore.
-        if not (hasattr(pl_module, "timesteps") and hasattr(pl_module, "process")):
-            raise ValueError("TimestepCurriculum needs a DiffusionLightningModule (a module with `timesteps` and "
-                             "`process`).")
+        require(pl_module, "TimestepCurriculum", "timesteps", "process")
         process = pl_module.process
         timesteps: TimestepDistribution = pl_module.timesteps
         if type(timesteps).restrict is TimestepDistribution.restrict:
@@ -121,6 +127,20 @@ class TimestepCurriculum(pl.Callback):
     def _apply(self, pl_module: pl.LightningModule) -> None:
         assert self.u_bounds is not None
         pl_module.timesteps.restrict(*stage_support(self.u_bounds, self.pacer.stage))
+        self._stage_checks = _CHECKED_BATCHES
+
+    def _check_stage_obeyed(self, pl_module: pl.LightningModule, level: Tensor) -> None:
+        """The first micro-batches of a stage: the levels trained on must lie in the stage's support."""
+        self._stage_checks -= 1
+        if self.pacer.finished:
+            return
+        assert self.level_bounds is not None
+        edge = float(self.level_bounds[self.num_clusters - self.pacer.stage])
+        lowest = float(level.detach().double().min())  # one host read, on these few micro-batches only
+        if lowest < edge * (1 - 1e-6) - 1e-9:
+            raise ValueError(f"TimestepCurriculum: stage {self.pacer.stage}/{self.num_clusters} allows "
+                             f"{self._describe(pl_module)}, but the module trained on level {lowest:.4g}; "
+                             f"draw the levels with module.timesteps.sample(...), which the curriculum restricts.")
 
     def _describe(self, pl_module: pl.LightningModule) -> str:
         assert self.level_bounds is not None
@@ -135,9 +155,12 @@ class TimestepCurriculum(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        outputs = require_outputs(outputs, "TimestepCurriculum", "per_sample_loss", "level")
+        if self._stage_checks > 0:
+            self._check_stage_obeyed(pl_module, outputs["level"])
         if not self.pacer.finished and self.pacing == "patience":
             self._accumulate(outputs)
-        if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step
+        if not self.gate.passed(trainer):  # a micro-batch of gradient accumulation: no optimizer step
             return
         self._last_step = step
         if not self.pacer.finished:
@@ -155,14 +178,8 @@ class TimestepCurriculum(pl.Callback):
             if math.isfinite(smoothed):
                 pl_module.log("curriculum/smoothed_loss", smoothed)
 
-    def _accumulate(self, outputs: Any) -> None:
-        if outputs is None:
-            return
-        if isinstance(outputs, dict):
-            losses = outputs["per_sample_loss"] if "per_sample_loss" in outputs else outputs["loss"]
-        else:
-            losses = outputs
-        value = losses.detach().float().mean()
+    def _accumulate(self, outputs: dict[str, Tensor]) -> None:
+        value = outputs["per_sample_loss"].detach().float().mean()
         self._micro_sum = value if self._micro_sum is None else self._micro_sum + value
         self._micro_count += 1
 

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..io import temp_path
+from .steps import OptimizerStepGate
 
 __all__ = ["LastCheckpoint", "checkpoint_folder"]
 
@@ -71,7 +72,7 @@ class LastCheckpoint(Checkpoint):
         self.check_every_n_steps = check_every_n_steps
         self.saved_step = -1  # global step of the newest save (of this process)
         self._since = time.monotonic()
-        self._last_step = -1
+        self.gate = OptimizerStepGate()
         self._last_checkpoint_saved = ""  # the name Lightning's ModelCheckpoint uses (divergence message reads it)
 
     @property
@@ -128,14 +129,14 @@ class LastCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._since, self._last_step = time.monotonic(), trainer.global_step
+        self._since = time.monotonic()
+        self.gate.start(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self.gate.passed(trainer):
             return  # a micro-batch of gradient accumulation: no optimizer step
-        self._last_step = step
+        step = trainer.global_step
         by_steps = self.every_n_steps is not None and step % self.every_n_steps == 0
         if self._time_is_up(trainer, step) or by_steps:
             self.save(trainer)

@@ -15,6 +15,7 @@ from torch import nn
 from ..clock import ImageClock, images_seen
 from ..ema import PowerFunctionEMA, check_sigma_rel, save_snapshot, snapshot_name, write_manifest
 from ..ema.snapshots import DTYPES, load_manifest
+from .steps import OptimizerStepGate
 
 __all__ = ["PostHocEMA"]
 
@@ -35,9 +36,13 @@ class PostHocEMA(pl.Callback):
         validate_with: the profile (index, or one of ``sigma_rels``) swapped into the network for
             validation and test; ``None`` validates the raw weights.
         offload_to_cpu: keep the averages in CPU memory.
+        module: attribute path of the tracked submodule (``"net"``, ``"model.unet"``); default:
+            ``net`` when the LightningModule has one, else the whole module.
 
-    The tracked module is ``pl_module.net`` when it exists, else the whole module; snapshot keys
-    are the LightningModule's ``state_dict`` keys (``net.*``). The EMA updates once per optimizer
+    Works on any LightningModule: it reads only the tracked parameters and buffers, and the image
+    clock (:mod:`lightning_diffusion.clock`), which counts each batch's leading size when the
+    module and DataModule say nothing. Snapshot keys are the LightningModule's ``state_dict`` keys
+    (``net.*``), so a snapshot loads into the module with ``strict=False``. The EMA updates once per optimizer
     step on every rank (identical tensors everywhere). The swapped-in profile is swapped back in
     ``on_validation_end`` / ``on_test_end``: after the module's and the other callbacks'
     ``on_validation_epoch_end`` (so FD and sample grids see the EMA) and before ``ModelCheckpoint``
@@ -55,7 +60,7 @@ class PostHocEMA(pl.Callback):
     def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), update_every_n_steps: int = 1,
                  snapshot_every_nimg: int | None = None, dirpath: str | None = None,
                  snapshot_dtype: str = "float32", validate_with: int | float | None = None,
-                 offload_to_cpu: bool = False) -> None:
+                 offload_to_cpu: bool = False, module: str | None = None) -> None:
         self.sigma_rels = [check_sigma_rel(s, "PostHocEMA.sigma_rels") for s in sigma_rels]
         if update_every_n_steps < 1:
             raise ValueError(f"PostHocEMA.update_every_n_steps={update_every_n_steps} must be >= 1.")
@@ -66,6 +71,8 @@ class PostHocEMA(pl.Callback):
         self.update_every_n_steps, self.snapshot_every_nimg = update_every_n_steps, snapshot_every_nimg
         self.dirpath, self.snapshot_dtype, self.offload_to_cpu = dirpath, snapshot_dtype, offload_to_cpu
         self.validate_index = self._profile_index(validate_with)
+        self.module = module
+        self.gate = OptimizerStepGate()
         self.ema: PowerFunctionEMA | None = None
         self.prefix = ""
         self._pending: dict[str, Any] | None = None
@@ -93,12 +100,13 @@ class PostHocEMA(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         ImageClock.attach(trainer)  # the counted images seen: EMA decay and snapshot times read it
         if self.ema is None:
-            target = getattr(pl_module, "net", None)
-            module = target if isinstance(target, nn.Module) else pl_module
-            self.prefix = "net." if module is not pl_module else ""
+            module, self.prefix = _tracked(pl_module, self.module)
             self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
         if stage == "fit" and self.snapshot_every_nimg:
             self._dir(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.gate.start(trainer)
 
     def _get_ema(self) -> PowerFunctionEMA:
         assert self.ema is not None, "PostHocEMA is used before setup"
@@ -135,10 +143,9 @@ class PostHocEMA(pl.Callback):
     # ------------------------------------------------------------------ training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step
+        if not self.gate.passed(trainer):  # a micro-batch of gradient accumulation: no optimizer step
             return
-        self._last_step = step
+        step = self._last_step = trainer.global_step
         if step % self.update_every_n_steps:
             return
         nimg = images_seen(trainer)
@@ -211,3 +218,17 @@ class PostHocEMA(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swap_out()  # never leave averaged weights in the module
+
+
+def _tracked(pl_module: pl.LightningModule, path: str | None) -> tuple[nn.Module, str]:
+    """The submodule at ``path`` (default ``net`` if present, else the whole module) and its key prefix."""
+    if path is None:
+        net = getattr(pl_module, "net", None)
+        return (net, "net.") if isinstance(net, nn.Module) else (pl_module, "")
+    module: Any = pl_module
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"PostHocEMA.module={path!r}: {type(pl_module).__name__} has no submodule there; give "
+                         f"the attribute path of the network to average (e.g. 'net'), or None for the whole module.")
+    return module, path + "."

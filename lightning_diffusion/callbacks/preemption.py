@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .last_checkpoint import checkpoint_folder
+from .steps import OptimizerStepGate
 
 __all__ = ["PreemptionCheckpoint"]
 
@@ -59,7 +60,7 @@ class PreemptionCheckpoint(Callback):
         self.signals, self.check_every_n_steps, self.dirpath = tuple(signals), check_every_n_steps, dirpath
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._last_step = -1
+        self.gate = OptimizerStepGate()
         self.saved_step, self.saved_path = -1, ""
 
     @property
@@ -79,7 +80,8 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning registered its handlers (Trainer._run), so ours wrap or replace them.
-        self.received, self._last_step = None, trainer.global_step
+        self.received = None
+        self.gate.start(trainer)
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for name in self.signals:
@@ -101,9 +103,8 @@ class PreemptionCheckpoint(Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         every = self.check_every_n_steps if trainer.world_size > 1 else 1
-        if step == self._last_step or step % every:
+        if not self.gate.passed(trainer) or step % every:
             return  # mid accumulation window, or not a checking step: same on every rank
-        self._last_step = step
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

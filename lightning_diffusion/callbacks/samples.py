@@ -1,4 +1,4 @@
-"""SampleGrid: PNG grids of generated images after validation during ``fit`` and for ``predict``."""
+"""SampleGrid: PNG grids of generated images after validation and at the end of ``fit``, and for ``predict``."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch import Tensor
 
 from ..io import atomic_write
 
-__all__ = ["SampleGrid", "save_image_grid"]
+__all__ = ["SampleGrid", "image_grid", "save_image_grid"]
 
 
-def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_tile: int = 32) -> Path:
-    """Write images in [-1, 1] ([N, C, H, W], C in {1, 3}) as one PNG grid, atomically.
+def image_grid(images: Tensor, nrow: int | None = None, min_tile: int = 32) -> Image.Image:
+    """Images in [-1, 1] ([N, C, H, W], C in {1, 3}) as one grid picture, 1 px apart.
 
     Small images are enlarged by an integer factor (nearest) so each tile is at least ``min_tile`` px.
     """
@@ -32,17 +34,25 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, m
     pixels = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     scale = max(1, math.ceil(min_tile / max(h, w)))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_tile: int = 32) -> Path:
+    """Write :func:`image_grid` of ``images`` as a PNG, atomically."""
+    image = image_grid(images, nrow, min_tile)
     # temp file + rename: a crash never leaves a truncated PNG behind
     return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 class SampleGrid(pl.Callback):
-    """Generate and save a grid of samples after each ``every_n_validations``-th validation, and a
-    grid per batch during ``predict``. Only global rank 0 writes during ``fit``.
+    """Generate and save a grid of samples after each ``every_n_validations``-th validation and when
+    ``fit`` ends (unless a grid of that step exists), and a grid per batch during ``predict``. Only
+    global rank 0 writes during ``fit``; its grids also go to TensorBoard (tag ``samples``) when a
+    ``TensorBoardLogger`` is among the trainer's loggers.
 
     Files go to ``dirpath`` (default ``<log_dir>/samples``): ``step_0002000.png``, ``last.png``,
-    and ``predict_rank0_batch0000.png``.
+    and ``predict_rank0_batch0000.png``. The grid at the end of ``fit`` shows the weights in the
+    module then (the raw weights: an EMA callback swaps its average in for validation only).
 
     Example::
 
@@ -60,6 +70,7 @@ class SampleGrid(pl.Callback):
         self._validations = 0
         self._directory: Path | None = None
         self.last_path: Path | None = None
+        self._written_step = -1  # global step of this fit's newest grid
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts under DDP: resolve it here, where every rank calls it.
@@ -82,13 +93,32 @@ class SampleGrid(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self._validations += 1
-        if self._validations % self.every_n_validations or not trainer.is_global_zero:
+        if self._validations % self.every_n_validations == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._written_step = -1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit shorter than val_check_interval (or ending between validations) still leaves last.png.
+        if self._written_step != trainer.global_step:
+            self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``step_N.png`` and ``last.png`` of the current step, and the same grid in TensorBoard (rank 0)."""
+        self._written_step = trainer.global_step
+        if not trainer.is_global_zero:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         images = pl_module.sample(self.num_samples, class_labels=self._labels(pl_module), generator=generator)
-        directory = self._dir(trainer)
-        save_image_grid(images, directory / f"step_{trainer.global_step:07d}.png")
-        self.last_path = save_image_grid(images, directory / "last.png")
+        image = image_grid(images)
+        for name in (f"step_{trainer.global_step:07d}.png", "last.png"):
+            self.last_path = atomic_write(self._dir(trainer) / name, lambda f: image.save(f, format="PNG"))
+        pixels = np.asarray(image)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", pixels, trainer.global_step,
+                                            dataformats="HW" if pixels.ndim == 2 else "HWC")
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                              batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

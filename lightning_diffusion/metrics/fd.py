@@ -92,3 +92,15 @@ def inception_fid(weights_path: str | None = None, reset_real_features: bool = F
             "or pass its location."
         )
     return FrechetDistance(InceptionFeatureNet(str(weights)), reset_real_features=reset_real_features)
+
+
+@torch.no_grad()
+def add_generated(fd: FrechetDistance, sample: Callable[..., Tensor], count: int, num_classes: int,
+                  generator: torch.Generator, chunk: int = 256) -> None:
+    """Generate ``count`` images with ``sample(n, class_labels=, generator=)`` (labels uniform over the
+    classes when conditional) in chunks of ``chunk`` and add them to ``fd`` as the generated side."""
+    device = generator.device
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        labels = torch.randint(0, num_classes, (n,), generator=generator, device=device) if num_classes else None
+        fd.update(sample(n, class_labels=labels, generator=generator), real=False)

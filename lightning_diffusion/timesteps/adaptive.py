@@ -6,7 +6,9 @@ inverse CDF to a level: ``t = floor(u T)`` for uniform discrete timesteps (**cho
 base icdf, so a uniform ``u`` gives exactly uniform t, where ``round(u (T-1))`` would give the two
 end timesteps half weight), sigma for EDM. The policy learns by REINFORCE
 (:meth:`AdaptiveTimesteps.policy_step`) from the look-ahead reward that
-:mod:`~lightning_diffusion.timesteps.lookahead` measures. The diffusion loss is not reweighted.
+:mod:`~lightning_diffusion.timesteps.lookahead` measures (the decrease of the weighted training
+loss, or of the variational bound's per-timestep term: ``AdaptiveTimestepSampling.reward``).
+The diffusion loss is not reweighted.
 Pure torch: no Lightning import.
 """
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InverseCDFDistribution, TimestepDistribution
+from .base import InverseCDFDistribution, LearnedSampler
 from .beta import beta_sample
 
 __all__ = ["TimestepPolicy", "AdaptiveTimesteps"]
@@ -50,7 +52,7 @@ class TimestepPolicy(nn.Module):
         return ab[:, 0], ab[:, 1]
 
 
-class AdaptiveTimesteps(TimestepDistribution):
+class AdaptiveTimesteps(LearnedSampler):
     """Draw each sample's level from a learned, image-conditioned Beta over the base density's CDF.
 
     Args:
@@ -71,21 +73,16 @@ class AdaptiveTimesteps(TimestepDistribution):
 
     def __init__(self, base: InverseCDFDistribution, lr: float = 1e-2, policy_channels: int = 32,
                  seed: int = 0) -> None:
-        if not isinstance(base, InverseCDFDistribution):
-            raise ValueError(f"AdaptiveTimesteps needs a base density with an inverse CDF (UniformTimesteps, "
-                             f"LogNormalSigma, ...); got {type(base).__name__}.")
+        super().__init__(base)
         if not lr > 0:
             raise ValueError(f"AdaptiveTimesteps.lr={lr} must be > 0.")
-        self.base, self.lr, self.policy_channels, self.seed = base, float(lr), int(policy_channels), int(seed)
-        self.discrete = base.discrete
-        if hasattr(base, "num_timesteps"):
-            self.num_timesteps = base.num_timesteps
-        self.u_low, self.u_high = base.u_low, base.u_high
+        self.lr, self.policy_channels, self.seed = float(lr), int(policy_channels), int(seed)
         self.policy: TimestepPolicy | None = None
         self.optimizer: torch.optim.Adam | None = None
         self._pending: dict[str, Any] | None = None
         self.last_x0: Tensor | None = None
         self.last_u: Tensor | None = None
+        self.last_labels: Tensor | None = None
 
     # ------------------------------------------------------------------ policy
     def build(self, in_channels: int, device: torch.device | str) -> TimestepPolicy:
@@ -129,21 +126,17 @@ class AdaptiveTimesteps(TimestepDistribution):
 
     # ------------------------------------------------------------------ TimestepDistribution
     def sample(self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-               x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               x0: Tensor | None = None, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if x0 is None or x0.shape[0] != batch_size:
             raise ValueError("AdaptiveTimesteps.sample needs the batch's clean images x0 (one per level drawn).")
         with torch.no_grad():
             alpha, beta = self.beta_params(x0)
             u = beta_sample(alpha, beta, generator).clamp(_U_CLAMP, 1 - _U_CLAMP)
-        self.last_x0, self.last_u = x0.detach(), u
+        # The draw's images, labels and u', for the look-ahead and REINFORCE step of this optimizer step.
+        self.last_x0, self.last_u, self.last_labels = x0.detach(), u, labels
         # Restricted range (curriculum): u = u_low + (u_high - u_low) u', then the base icdf.
         level = self.base.icdf(self.u_low + (self.u_high - self.u_low) * u.double())
-        return level, torch.ones(batch_size, device=x0.device)
-
-    def restrict(self, u_low: float, u_high: float) -> None:
-        if not 0.0 <= u_low < u_high <= 1.0:
-            raise ValueError(f"restrict needs 0 <= u_low < u_high <= 1; got ({u_low}, {u_high}).")
-        self.u_low, self.u_high = float(u_low), float(u_high)
+        return self.record(level, torch.ones(batch_size, device=x0.device))
 
     # ------------------------------------------------------------------ learning
     def policy_loss(self, x0: Tensor, u: Tensor, reward: Tensor, ent_coef: float) -> Tensor:

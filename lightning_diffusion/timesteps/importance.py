@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import InverseCDFDistribution, TimestepDistribution
+from .base import InverseCDFDistribution, LearnedSampler
 
 __all__ = ["LossAwareTimesteps"]
 
 
-class LossAwareTimesteps(TimestepDistribution):
+class LossAwareTimesteps(LearnedSampler):
     """Importance-sample noise levels by the root mean square of their recent losses.
 
     Args:
@@ -43,9 +43,7 @@ class LossAwareTimesteps(TimestepDistribution):
 
     def __init__(self, base: InverseCDFDistribution, history: int = 10, uniform_prob: float = 1e-3,
                  num_bins: int = 64, range_quantile: float = 1e-3) -> None:
-        if not isinstance(base, InverseCDFDistribution):
-            raise ValueError(f"LossAwareTimesteps needs a base density with a CDF (UniformTimesteps, LogNormalSigma, "
-                             f"...); got {type(base).__name__}.")
+        super().__init__(base)
         if history < 1:
             raise ValueError(f"LossAwareTimesteps.history={history} must be >= 1.")
         if not 0.0 <= uniform_prob <= 1.0:
@@ -54,10 +52,8 @@ class LossAwareTimesteps(TimestepDistribution):
             raise ValueError(f"LossAwareTimesteps.num_bins={num_bins} must be >= 2.")
         if not 0.0 < range_quantile < 0.5:
             raise ValueError(f"LossAwareTimesteps.range_quantile={range_quantile} must be in (0, 0.5).")
-        self.base, self.history, self.uniform_prob = base, int(history), float(uniform_prob)
-        self.discrete = base.discrete
+        self.history, self.uniform_prob = int(history), float(uniform_prob)
         if base.discrete:
-            self.num_timesteps = base.num_timesteps
             self.num_bins = base.num_timesteps
             self.log_edges = torch.empty(0)
             inner = base.cdf(torch.arange(self.num_bins - 1))
@@ -73,7 +69,6 @@ class LossAwareTimesteps(TimestepDistribution):
         self.ring = torch.zeros(self.num_bins + 1, self.history)
         self.ptr = torch.zeros(self.num_bins + 1, dtype=torch.long)
         self.count = torch.zeros(self.num_bins + 1, dtype=torch.long)
-        self.u_low, self.u_high = base.u_low, base.u_high
         self._refresh()
 
     # ------------------------------------------------------------------ the distribution over bins
@@ -105,7 +100,7 @@ class LossAwareTimesteps(TimestepDistribution):
             self._refresh()
 
     def sample(self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-               x0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               x0: Tensor | None = None, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._to(torch.device(device))
         r = torch.rand(2, batch_size, generator=generator, device=device, dtype=torch.float64)
         b = torch.searchsorted(self.p_cdf, r[0] * self.p_cdf[-1], right=True).clamp_(max=self.num_bins - 1)
@@ -113,14 +108,11 @@ class LossAwareTimesteps(TimestepDistribution):
             level = b
         else:  # u uniform on the bin's (restricted) CDF interval, then the base inverse CDF
             level = self.base.icdf(self.bin_low[b] + self.bin_width[b] * r[1])
-        return level, self.weights[b]
+        return self.record(level, self.weights[b])
 
-    def restrict(self, u_low: float, u_high: float) -> None:
-        """Zero the bins outside ``[u_low, u_high]`` of the base CDF and renormalize; the weights
-        then keep the *restricted* base's objective unbiased."""
-        if not 0.0 <= u_low < u_high <= 1.0:
-            raise ValueError(f"restrict needs 0 <= u_low < u_high <= 1; got ({u_low}, {u_high}).")
-        self.u_low, self.u_high = float(u_low), float(u_high)
+    def on_restrict(self) -> None:
+        """Bins outside ``[u_low, u_high]`` of the base CDF get no mass, the rest renormalized; the
+        weights then keep the *restricted* base's objective unbiased."""
         self._refresh()
 
     def mass_by_quantile(self, parts: int = 4) -> Tensor:

@@ -1,19 +1,59 @@
 """The adaptive sampler's look-ahead signal (ALGORITHMS.md 4): losses before and after one
 optimizer step, the ring buffer of per-timestep decreases, and the choice of the subset S.
 
-Pure torch (no Lightning import). The network is reached through any object with the
-``weighted_mse(x0, noise, level, labels) -> (output, x_noisy, mse, weight)`` method of
-:class:`~lightning_diffusion.DiffusionLightningModule`.
+What "loss" means is a term with one signature, ``term(module, x0, noise, level, labels) -> [B]``:
+:class:`TrainingLossTerm` (the weighted training MSE, the library's default) or :class:`VLBTerm`
+(the per-timestep KL of the variational bound in bits/dim, the paper's official choice).
+
+Pure torch (no Lightning import). The network is reached through the callback protocol
+(docs/callbacks.md): the module's ``lookahead_loss(x0, noise, level, labels) -> [B]`` for
+:class:`TrainingLossTerm` and ``denoise(x_noisy, level, labels) -> x0_hat`` with its ``process``
+for :class:`VLBTerm`; :class:`~lightning_diffusion.DiffusionLightningModule` has both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["probe_quantiles", "evenly_spaced_subset", "LookaheadBatch", "LookaheadBuffer"]
+from ..core.noise import NoiseProcess
+from ..core.vlb import vlb_weights
+
+__all__ = ["probe_quantiles", "evenly_spaced_subset", "TrainingLossTerm", "VLBTerm", "LookaheadBatch",
+           "LookaheadBuffer"]
+
+# term(module, x0, noise, level, labels) -> per-sample value [B] (fp32): what the look-ahead measures.
+LookaheadTerm = Callable[[Any, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+class TrainingLossTerm:
+    """The module's per-sample training loss at each level (``module.lookahead_loss``)."""
+
+    def __call__(self, module: Any, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        return module.lookahead_loss(x0, noise, level, labels).float()
+
+
+class VLBTerm:
+    """The per-sample variational-bound term ``L_t = w_t mean_d (x0_hat - x0)^2`` in bits/dim
+    (:mod:`~lightning_diffusion.core.vlb`): ``x0_hat = module.denoise(x_t, t, labels)``, whatever the
+    network predicts; the error and ``w_t`` (from a float64 table) are fp32, autocast off.
+    """
+
+    def __init__(self, process: NoiseProcess) -> None:
+        self.process, self.weights = process, vlb_weights(process)
+        self._on: dict[torch.device, Tensor] = {}
+
+    def __call__(self, module: Any, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        x_noisy = self.process.add_noise(x0, noise, level)
+        t = level.long()
+        weights = self._on.get(t.device)
+        if weights is None:
+            weights = self._on[t.device] = self.weights.to(device=t.device, dtype=torch.float32)
+        x0_hat = module.denoise(x_noisy, level, labels)  # the network under the run's precision
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            return weights[t] * (x0_hat.float() - x0.float()).square().flatten(1).mean(1)
 
 
 def probe_quantiles(probe_grid: int | Sequence[float]) -> Tensor:
@@ -52,14 +92,15 @@ class LookaheadBatch:
         return torch.randn(self.x0.shape, generator=self.generator, device=self.x0.device, dtype=self.x0.dtype)
 
     @torch.no_grad()
-    def losses(self, module: Any, chunk: int) -> tuple[Tensor, Tensor]:
-        """Per-sample weighted losses ``[|S|, B]`` and the probes' mean loss per grid level ``[G]``."""
+    def losses(self, module: Any, chunk: int, term: LookaheadTerm | None = None) -> tuple[Tensor, Tensor]:
+        """Per-sample ``term`` values ``[|S|, B]`` and the probes' mean per grid level ``[G]``;
+        ``term`` defaults to :class:`TrainingLossTerm`."""
+        term = term or TrainingLossTerm()
         parts = []
         for i in range(0, len(self.level), chunk):
             j = slice(i, i + chunk)
             labels = None if self.labels is None else self.labels[j]
-            _, _, mse, weight = module.weighted_mse(self.x0[j], self.noise[j], self.level[j], labels)
-            parts.append((weight * mse).float())
+            parts.append(term(module, self.x0[j], self.noise[j], self.level[j], labels))
         loss = torch.cat(parts)
         n = self.subset * self.batch
         return loss[:n].view(self.subset, self.batch), loss[n:].view(self.grid, self.probes).mean(1)
