@@ -113,7 +113,7 @@ def run(arm_name: str, seed: int, args: argparse.Namespace) -> list[dict]:
 
 
 def best_reconstruction(cli, arm_name: str, seed: int, args: argparse.Namespace, last: dict) -> dict:
-    """Rebuild several sigma_rel at the end (ALGORITHMS.md 3.5) and keep the best FD as the final point."""
+    """Rebuild several sigma_rel at the end (docs/algorithms.md 3.5) and keep the best FD as the final point."""
     from lightning_diffusion.phema_tool import sweep
 
     log_dir = Path(cli.trainer.log_dir)

@@ -30,7 +30,7 @@ from lightning_diffusion.networks import UNet
 
 
 def naive_target(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    """ALGORITHMS.md 2 written directly: the [B, n, d] difference tensor."""
+    """docs/algorithms.md 2 written directly: the [B, n, d] difference tensor."""
     xf, rf = x.flatten(1), refs.flatten(1)
     diff = xf[:, None, :] - a[:, None, None] * rf[None]
     weights = torch.softmax(-diff.square().sum(-1) / (2 * s[:, None] ** 2), 1)

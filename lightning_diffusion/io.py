@@ -1,4 +1,4 @@
-"""Atomic file writes (DESIGN.md "Nothing lost"): stdlib only, so every layer may use it.
+"""Atomic file writes (docs/architecture.md "Nothing lost"): stdlib only, so every layer may use it.
 
 :func:`atomic_write` writes to ``.<name>.tmp-<pid>`` in the target's folder, flushes and fsyncs
 it, then ``os.replace``-s it onto the target: a reader sees the previous file or the new one,

@@ -91,7 +91,7 @@ class DiffusionLightningModule(pl.LightningModule):
         fd_samples: generate this many images (over all ranks) at each validation and log the
             Frechet distance to the validation images as ``val/fd``; 0 turns it off.
         fd_feature_net: feature network of the FD (default: the shipped digits classifier).
-        uncertainty: EDM2 learned uncertainty head (e.g. ``UncertaintyHead()``, ALGORITHMS.md 3.2):
+        uncertainty: EDM2 learned uncertainty head (e.g. ``UncertaintyHead()``, docs/algorithms.md 3.2):
             the training loss becomes ``weight * mse * exp(-u) + u`` per sample, with ``u`` read from
             :func:`uncertainty_noise_level` in fp32; it trains with the network's optimizer.
             ``per_sample_loss`` (for callbacks) and ``val/loss`` stay ``weight * mse`` without ``u``,
@@ -227,7 +227,7 @@ class DiffusionLightningModule(pl.LightningModule):
                 config.scheduler.set_batch_size(per_step)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # Forced weight normalization (ALGORITHMS.md 3.1) once per real optimizer step, right after
+        # Forced weight normalization (docs/algorithms.md 3.1) once per real optimizer step, right after
         # it (Lightning calls this once per accumulation window). Not in on_before_zero_grad:
         # Lightning zeroes grads after the forward, and an in-place write to weights the graph
         # saved would break the backward that follows.
@@ -320,7 +320,7 @@ class DiffusionLightningModule(pl.LightningModule):
         ``target`` defaults to the standard (per-sample) target, so validation and look-ahead
         evaluations measure the true objective; training passes ``self.target`` (e.g. STF).
         ``labels`` condition the network; ``data_labels`` (training: the labels before guidance
-        dropout) reach the target, whose references keep their true classes (ALGORITHMS.md 2).
+        dropout) reach the target, whose references keep their true classes (docs/algorithms.md 2).
         """
         x_noisy = self.process.add_noise(x0, noise, level)
         with torch.no_grad():
@@ -357,7 +357,7 @@ class DiffusionLightningModule(pl.LightningModule):
         if self.uncertainty is not None:
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 u = self.uncertainty(uncertainty_noise_level(self.process, level)).float()
-            trained = uncertainty_loss(per_sample, u)  # ALGORITHMS.md 3.2
+            trained = uncertainty_loss(per_sample, u)  # docs/algorithms.md 3.2
         loss = (trained * importance).mean()
         return step_output(loss, per_sample, level, importance, mse=mse.detach())
 

@@ -1,4 +1,4 @@
-"""EDM2 learning-rate schedule, counted in images (ALGORITHMS.md 3.3), and resuming with new optimizer settings.
+"""EDM2 learning-rate schedule, counted in images (docs/algorithms.md 3.3), and resuming with new optimizer settings.
 
 ``lr(nimg) = a_ref / sqrt(max(nimg / ref_images, 1)) * min(nimg / rampup_images, 1)``: constant
 after a linear ramp, then inverse square root decay once ``ref_images`` (EDM2: ``t_ref * batch``,

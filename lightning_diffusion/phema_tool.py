@@ -1,6 +1,6 @@
 """``lightning-diffusion-phema``: list a run's EMA snapshots, rebuild weights for any sigma_rel, sweep.
 
-Post-hoc reconstruction, ALGORITHMS.md 3.5 (the math is in :mod:`lightning_diffusion.ema`). A
+Post-hoc reconstruction, docs/algorithms.md 3.5 (the math is in :mod:`lightning_diffusion.ema`). A
 Lightning checkpoint is a plain dict, so the newest training checkpoint of the run serves as
 template: its ``state_dict`` entries named in the snapshots are replaced, the optimizer and
 scheduler states and the PostHocEMA state are dropped, and ``checkpoint["phema"]`` records

@@ -1,4 +1,4 @@
-"""Adaptive timestep sampling (ALGORITHMS.md 4): Beta draws, the policy, REINFORCE, the look-ahead
+"""Adaptive timestep sampling (docs/algorithms.md 4): Beta draws, the policy, REINFORCE, the look-ahead
 buffer and subset S, the callback around the optimizer step, resume and DDP."""
 
 from __future__ import annotations

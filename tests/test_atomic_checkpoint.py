@@ -1,4 +1,4 @@
-"""DESIGN.md "Nothing lost": checkpoints and EMA snapshots are never half-written.
+"""docs/architecture.md "Nothing lost": checkpoints and EMA snapshots are never half-written.
 
 ``AtomicCheckpointIO`` (the CLI's default) writes ``.<name>.tmp-<pid>``, fsyncs and renames it: a
 save that fails mid-write leaves the previous file byte-identical, and a run killed with SIGKILL

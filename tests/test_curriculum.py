@@ -1,4 +1,4 @@
-"""Timestep curriculum math (ALGORITHMS.md 5.3): clusters, exact stage supports, pacers, state."""
+"""Timestep curriculum math (docs/algorithms.md 5.3): clusters, exact stage supports, pacers, state."""
 
 from __future__ import annotations
 

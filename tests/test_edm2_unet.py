@@ -1,4 +1,4 @@
-"""EDM2 UNet (ALGORITHMS.md 3.1): preset sizes, identity at init, magnitudes, forced weight normalization, training."""
+"""EDM2 UNet (docs/algorithms.md 3.1): preset sizes, identity at init, magnitudes, forced weight normalization, training."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Power-function EMA math, snapshots and post-hoc reconstruction (ALGORITHMS.md 3.4-3.5)."""
+"""Power-function EMA math, snapshots and post-hoc reconstruction (docs/algorithms.md 3.4-3.5)."""
 
 from __future__ import annotations
 

@@ -104,21 +104,18 @@ def test_the_adaptive_sampler_learns_in_a_plain_module():
 
 
 # ---------------------------------------------------------------------- half-right integrations
-class DrawsItsOwnLevels(PlainDDPM):
-    def training_step(self, batch, batch_idx):
-        x0, labels = batch
-        self.timesteps.sample(len(x0), x0.device, x0=x0, labels=labels)  # drawn, then ignored
-        t = torch.randint(0, self.hparams.num_timesteps, (len(x0),), device=x0.device)
-        per_sample = self.loss_at(x0, torch.randn_like(x0), t, labels)
-        return step_output(per_sample.mean(), per_sample, t, torch.ones_like(per_sample))
-
-
 class NeverDraws(PlainDDPM):
     def training_step(self, batch, batch_idx):
         x0, labels = batch
         t = torch.randint(0, self.hparams.num_timesteps, (len(x0),), device=x0.device)
         per_sample = self.loss_at(x0, torch.randn_like(x0), t, labels)
         return step_output(per_sample.mean(), per_sample, t, torch.ones_like(per_sample))
+
+
+class DrawsItsOwnLevels(NeverDraws):
+    def training_step(self, batch, batch_idx):
+        self.timesteps.sample(len(batch[0]), batch[0].device, x0=batch[0], labels=batch[1])  # drawn, then ignored
+        return super().training_step(batch, batch_idx)
 
 
 class DropsTheWeights(PlainDDPM):

@@ -1,4 +1,4 @@
-"""DESIGN.md dependency rules: core/, timesteps/, ema/ are pure torch; callbacks hold no math."""
+"""docs/architecture.md dependency rules: core/, timesteps/, ema/ are pure torch; callbacks hold no math."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_pure_folders_import_no_lightning(folder):
             assert top not in ("lightning", "pytorch_lightning", "lightning_fabric"), f"{path} imports {name}"
             if top == "lightning_diffusion":
                 sub = name.split(".")[1] if "." in name else ""
-                assert sub in ALLOWED_INTERNAL[folder], f"{path} imports {name}, against DESIGN.md's arrows"
+                assert sub in ALLOWED_INTERNAL[folder], f"{path} imports {name}, against docs/architecture.md's arrows"
 
 
 def test_io_is_a_stdlib_leaf():

@@ -1,4 +1,4 @@
-"""Loss-aware importance sampling (ALGORITHMS.md 4, improved-diffusion's baseline): exact
+"""Loss-aware importance sampling (docs/algorithms.md 4, improved-diffusion's baseline): exact
 unbiasedness, warm-up, the vectorized ring buffer, sigma bins, restrict, the callback, resume, DDP."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EDM2 learning-rate schedule (ALGORITHMS.md 3.3): formula, per-step rates in a run, resume, YAML."""
+"""EDM2 learning-rate schedule (docs/algorithms.md 3.3): formula, per-step rates in a run, resume, YAML."""
 
 from __future__ import annotations
 

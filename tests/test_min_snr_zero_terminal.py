@@ -1,4 +1,4 @@
-"""Min-SNR at SNR == 0 (zero terminal SNR, ALGORITHMS.md 0-1): the default and the ``zero_snr_weight`` option."""
+"""Min-SNR at SNR == 0 (zero terminal SNR, docs/algorithms.md 0-1): the default and the ``zero_snr_weight`` option."""
 
 from __future__ import annotations
 

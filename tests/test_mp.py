@@ -1,4 +1,4 @@
-"""Magnitude-preserving primitives (ALGORITHMS.md 3.1): unit RMS out for unit RMS in, weight-scale invariance."""
+"""Magnitude-preserving primitives (docs/algorithms.md 3.1): unit RMS out for unit RMS in, weight-scale invariance."""
 
 from __future__ import annotations
 

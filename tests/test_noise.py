@@ -1,4 +1,4 @@
-"""Noise processes against the formulas of ALGORITHMS.md section 0 (computed independently here)."""
+"""Noise processes against the formulas of docs/algorithms.md section 0 (computed independently here)."""
 
 import math
 

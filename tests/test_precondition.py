@@ -1,4 +1,4 @@
-"""EDM preconditioning and the eps / x0 / v parametrizations (ALGORITHMS.md 0)."""
+"""EDM preconditioning and the eps / x0 / v parametrizations (docs/algorithms.md 0)."""
 
 import math
 

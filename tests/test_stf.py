@@ -1,4 +1,4 @@
-"""Stable Target Field (ALGORITHMS.md 2): the formula, its limits, masking, sources and the module."""
+"""Stable Target Field (docs/algorithms.md 2): the formula, its limits, masking, sources and the module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STF reference sets hold each sample's own image exactly once, duplicates included (ALGORITHMS.md 2).
+"""STF reference sets hold each sample's own image exactly once, duplicates included (docs/algorithms.md 2).
 
 A copy of sample i's own image elsewhere in the references (a batch duplicate, a queued or fresh
 copy of the same item) is dropped for sample i only; other samples keep every reference.

@@ -1,4 +1,4 @@
-"""Class-conditional STF with guidance label dropout (ALGORITHMS.md 2): references keep their true labels.
+"""Class-conditional STF with guidance label dropout (docs/algorithms.md 2): references keep their true labels.
 
 Dropout hides a label from the network only: the reference set (and the FIFO queue) keep every
 image's true class; a sample whose own label was dropped attends to all references, the others

@@ -1,4 +1,4 @@
-"""Learned uncertainty weighting (ALGORITHMS.md 3.2): optimum, noise-level mapping, module wiring."""
+"""Learned uncertainty weighting (docs/algorithms.md 3.2): optimum, noise-level mapping, module wiring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss weightings (ALGORITHMS.md 1): Min-SNR table, x0-space equivalence, related weightings."""
+"""Loss weightings (docs/algorithms.md 1): Min-SNR table, x0-space equivalence, related weightings."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Sigma-based weightings (EDM lambda, soft-min-SNR) under both EDM SNR references (ALGORITHMS.md 0, 1).
+"""Sigma-based weightings (EDM lambda, soft-min-SNR) under both EDM SNR references (docs/algorithms.md 0, 1).
 
 The EDM process may define ``SNR = 1/sigma^2`` ("unit") or ``sd^2/sigma^2`` ("sigma_data"); a
 weighting written in sigma must recover ``sigma^2 = ref/SNR`` with the process's reference.

@@ -1,6 +1,6 @@
 """AdaptiveTimestepSampling: a learned, image-conditioned timestep sampler trained online.
 
-A thin adapter (ALGORITHMS.md 4): it installs :class:`~lightning_diffusion.timesteps.AdaptiveTimesteps`
+A thin adapter (docs/algorithms.md 4): it installs :class:`~lightning_diffusion.timesteps.AdaptiveTimesteps`
 into the module and, every ``update_every`` optimizer steps, measures the losses of the current
 batch at the subset S and of a probe image on the probe grid just before the optimizer step and
 again just after it; the decrease trains the policy (REINFORCE) and re-selects S. ``reward`` picks

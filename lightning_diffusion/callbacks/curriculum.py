@@ -1,6 +1,6 @@
 """TimestepCurriculum: easy-to-hard noise-level stages with loss-driven phase switching.
 
-A thin adapter over :mod:`lightning_diffusion.timesteps.curriculum` (ALGORITHMS.md 5): the
+A thin adapter over :mod:`lightning_diffusion.timesteps.curriculum` (docs/algorithms.md 5): the
 clusters and the pacers live there; this file maps them onto Lightning's hooks, DDP and checkpoints.
 """
 
@@ -239,7 +239,7 @@ class TimestepCurriculum(pl.Callback):
 
 
 def _base_density(timesteps: TimestepDistribution, process: Any) -> Any:
-    """The density whose CDF coordinate ``restrict`` uses (sigma processes; ALGORITHMS.md 5).
+    """The density whose CDF coordinate ``restrict`` uses (sigma processes; docs/algorithms.md 5).
 
     The distribution itself when it has an inverse CDF, else its ``base`` (wrapping samplers), else
     the process's log-normal training density.

@@ -115,7 +115,8 @@ class LastCheckpoint(Checkpoint):
 
     @property
     def last_model_path(self) -> str:
-        """The newest ``last.ckpt`` written (Lightning's ``ckpt_path="last"`` reads this name)."""
+        """The newest ``last.ckpt`` written. (Lightning's ``ckpt_path="last"`` looks for ``last.ckpt`` in the
+        ``ModelCheckpoint`` folders: it finds this file when both share a folder, as under the CLI.)"""
         return self._last_checkpoint_saved
 
     def _time_is_up(self, trainer: pl.Trainer, step: int) -> bool:

@@ -1,6 +1,6 @@
 """LossAwareTimestepSampling: improved-diffusion's loss-aware importance sampler as a callback.
 
-A thin adapter over :class:`~lightning_diffusion.timesteps.LossAwareTimesteps` (ALGORITHMS.md 4):
+A thin adapter over :class:`~lightning_diffusion.timesteps.LossAwareTimesteps` (docs/algorithms.md 4):
 it wraps the module's timestep distribution and feeds it every rank's per-sample losses once per
 optimizer step. The math lives in ``timesteps/importance.py``.
 """

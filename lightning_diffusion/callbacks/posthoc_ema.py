@@ -1,6 +1,6 @@
 """PostHocEMA: power-function EMA profiles, snapshots for post-hoc reconstruction, EMA validation.
 
-A thin adapter over :mod:`lightning_diffusion.ema` (ALGORITHMS.md 3.4-3.5): the math lives there.
+A thin adapter over :mod:`lightning_diffusion.ema` (docs/algorithms.md 3.4-3.5): the math lives there.
 """
 
 from __future__ import annotations

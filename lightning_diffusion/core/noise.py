@@ -1,4 +1,4 @@
-"""Noise processes: how clean data x0 is corrupted at a noise level, and its SNR (ALGORITHMS.md 0).
+"""Noise processes: how clean data x0 is corrupted at a noise level, and its SNR (docs/algorithms.md 0).
 
 Two families share one small protocol so the module, weightings and solvers never branch on a
 string:
@@ -62,7 +62,7 @@ def _expand(v: Tensor, like: Tensor) -> Tensor:
 
 
 def make_betas(schedule: str, num_timesteps: int) -> Tensor:
-    """Beta schedules of ALGORITHMS.md 0 in float64 (linear scaled to any T, cosine, scaled_linear)."""
+    """Beta schedules of docs/algorithms.md 0 in float64 (linear scaled to any T, cosine, scaled_linear)."""
     T = num_timesteps
     if schedule == "linear":
         scale = 1000.0 / T
@@ -105,7 +105,7 @@ class _DeviceTable:
 
 
 class VPProcess(NoiseProcess):
-    """Discrete variance-preserving DDPM process with T steps (ALGORITHMS.md 0).
+    """Discrete variance-preserving DDPM process with T steps (docs/algorithms.md 0).
 
     ``SNR(t) = abar_t / (1 - abar_t)``, ``a_t = sqrt(abar_t)``, ``sigma_t = sqrt((1 - abar_t) / abar_t)``.
 
@@ -176,7 +176,7 @@ class VPProcess(NoiseProcess):
 
 
 class EDMProcess(NoiseProcess):
-    """Continuous EDM process ``x = y + sigma n`` with the log-normal training density (ALGORITHMS.md 0).
+    """Continuous EDM process ``x = y + sigma n`` with the log-normal training density (docs/algorithms.md 0).
 
     ``snr_reference="unit"`` gives ``SNR = 1/sigma^2``; ``"sigma_data"`` gives ``sigma_data^2/sigma^2``.
 

@@ -1,4 +1,4 @@
-"""Parametrizations: what the network predicts and how it maps to x0 (ALGORITHMS.md 0).
+"""Parametrizations: what the network predicts and how it maps to x0 (docs/algorithms.md 0).
 
 * VP: the raw network output is eps, x0 or ``v = a eps - s x0`` (inverse: ``x0 = a x_t - s v``).
 * EDM: the network ``F`` is preconditioned, ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``,
@@ -64,7 +64,7 @@ class Parametrization:
         if self.edm:
             c_skip, c_out, c_in, c_noise = edm_coefficients(level, self.process.sigma_data)
             f = net(x_noisy * _expand(c_in, x_noisy), c_noise, class_labels)
-            # Preconditioning in fp32 (outside any autocast dtype), ALGORITHMS.md 0.
+            # Preconditioning in fp32 (outside any autocast dtype), docs/algorithms.md 0.
             return _expand(c_skip, x_noisy) * x_noisy.float() + _expand(c_out, x_noisy) * f.float()
         return net(x_noisy, level.float(), class_labels).float()
 

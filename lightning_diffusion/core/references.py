@@ -1,4 +1,4 @@
-"""Where Stable Target Field references come from (ALGORITHMS.md 2, reference set choices).
+"""Where Stable Target Field references come from (docs/algorithms.md 2, reference set choices).
 
 Every source returns the minibatch first (sample i's own image at index i, or at ``own_index``)
 followed by extra images. Sample i's own clean image must count exactly once: other copies of it

@@ -1,4 +1,4 @@
-"""Generation solvers: EDM Heun (with optional churn), Euler and DDIM (ALGORITHMS.md 0).
+"""Generation solvers: EDM Heun (with optional churn), Euler and DDIM (docs/algorithms.md 0).
 
 Every solver has the same signature, ``solver(denoiser, x, sigmas, generator=None, **options)``,
 and works in the scaled (VE) space of Karras et al. (2022): ``x = x_t / a_t`` with noise level

@@ -1,4 +1,4 @@
-"""Regression targets (ALGORITHMS.md 0 and 2): the standard one and the Stable Target Field.
+"""Regression targets (docs/algorithms.md 0 and 2): the standard one and the Stable Target Field.
 
 A target object maps one training draw to the tensor the model output is regressed on, in the
 prediction's space. All targets share the signature
@@ -73,7 +73,7 @@ def stf_target(
     exclude: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """Stable Target Field x0 target (ALGORITHMS.md 2): ``sum_j softmax_j(logit_ij) r_j``.
+    """Stable Target Field x0 target (docs/algorithms.md 2): ``sum_j softmax_j(logit_ij) r_j``.
 
     ``logit_ij = -||x_i - a_i r_j||^2 / (2 s_i^2)`` with ``x_noisy = a y + s n`` (EDM: ``a = 1``,
     ``s = sigma``; VP: ``a_t, s_t``). ``references`` [n, ...] must contain each sample's own clean
@@ -125,7 +125,7 @@ def stf_target(
 
 
 class StableTargetField(RegressionTarget):
-    """Stable Target Field targets (Xu et al. 2023; ALGORITHMS.md 2) for any process and prediction.
+    """Stable Target Field targets (Xu et al. 2023; docs/algorithms.md 2) for any process and prediction.
 
     The x0 target is :func:`stf_target` over a reference set holding the minibatch plus extra data;
     eps/v targets are derived from it (``Parametrization.target_from_x0``). Sources of the extras:

@@ -1,4 +1,4 @@
-"""The per-timestep term of the DDPM variational bound, in bits per dimension (ALGORITHMS.md 4).
+"""The per-timestep term of the DDPM variational bound, in bits per dimension (docs/algorithms.md 4).
 
 For a VP chain (library indexing, ``t = 0..T-1``, ``abar_{-1} := 1``) the bound's term at ``t >= 1`` is
 ``L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))``. The true posterior is Gaussian with mean

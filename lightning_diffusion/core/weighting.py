@@ -1,4 +1,4 @@
-"""Per-sample loss weightings, Min-SNR-gamma among them (ALGORITHMS.md 1).
+"""Per-sample loss weightings, Min-SNR-gamma among them (docs/algorithms.md 1).
 
 Every weighting shares one signature, ``weighting(snr, prediction) -> weight`` (float32, [B]),
 so YAML can swap them with ``class_path``. Each is defined by its weight in **x0 space**,
@@ -109,7 +109,7 @@ class SNRWeighting(LossWeighting):
 
 
 class MinSNRWeighting(LossWeighting):
-    """Min-SNR-gamma: clamp the x0-space weight at ``min(SNR, gamma)`` (ALGORITHMS.md 1).
+    """Min-SNR-gamma: clamp the x0-space weight at ``min(SNR, gamma)`` (docs/algorithms.md 1).
 
     At SNR == 0 (the last step of a zero-terminal-SNR schedule) the x0- and v-space weights are
     ``min(0, gamma) = 0``, which is also their limit as SNR -> 0: ``x_T`` is pure noise, so the

@@ -1,4 +1,4 @@
-"""Power-function EMA, snapshots and post-hoc reconstruction (ALGORITHMS.md 3.4-3.5); pure torch."""
+"""Power-function EMA, snapshots and post-hoc reconstruction (docs/algorithms.md 3.4-3.5); pure torch."""
 
 from .power_ema import PowerFunctionEMA
 from .profiles import (MAX_SIGMA_REL, check_sigma_rel, gamma_to_sigma_rel, power_function_beta,

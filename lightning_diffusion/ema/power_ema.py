@@ -1,4 +1,4 @@
-"""PowerFunctionEMA: several power-function EMA profiles of one module (ALGORITHMS.md 3.4).
+"""PowerFunctionEMA: several power-function EMA profiles of one module (docs/algorithms.md 3.4).
 
 Parameters are averaged with fused ``torch._foreach_lerp_``; buffers are copied. Averages of
 fp16/bf16 parameters are kept in float32. The averages live on the parameters' device (moved

@@ -1,4 +1,4 @@
-"""Power-function EMA profiles and post-hoc coefficients (ALGORITHMS.md 3.4, 3.5).
+"""Power-function EMA profiles and post-hoc coefficients (docs/algorithms.md 3.4, 3.5).
 
 Pure math, no Lightning: a profile is (t, gamma), the density ``(g+1) tau^g / t^(g+1)`` on [0, t].
 """
@@ -18,7 +18,7 @@ MAX_SIGMA_REL = 12 ** -0.5  # gamma -> 0
 
 
 def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> float:
-    """Raise the one-sentence error of DESIGN.md unless ``0 < sigma_rel < 12^-0.5``."""
+    """Raise the one-sentence error of docs/architecture.md unless ``0 < sigma_rel < 12^-0.5``."""
     value = float(sigma_rel)
     if not 0.0 < value < MAX_SIGMA_REL:
         raise ValueError(f"{name}={sigma_rel} is out of range: it must satisfy 0 < {name} < 12^-0.5 ~ 0.2887.")
@@ -26,7 +26,7 @@ def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> float:
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3))), ALGORITHMS.md 3.4."""
+    """sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3))), docs/algorithms.md 3.4."""
     g = float(gamma)
     if g <= 0:
         raise ValueError(f"gamma={gamma} must be > 0.")
@@ -34,7 +34,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """Largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0, ALGORITHMS.md 3.4."""
+    """Largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0, docs/algorithms.md 3.4."""
     s2 = check_sigma_rel(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
     return float(roots[np.abs(roots.imag) < 1e-6].real.max())

@@ -1,4 +1,4 @@
-"""EMA snapshot files and post-hoc reconstruction from them (ALGORITHMS.md 3.4, 3.5).
+"""EMA snapshot files and post-hoc reconstruction from them (docs/algorithms.md 3.4, 3.5).
 
 A snapshot is a plain dict ``{"sigma_rel", "gamma", "nimg", "state_dict", "dtype"}`` written with
 ``torch.save`` through :func:`lightning_diffusion.io.atomic_write` (temp file, fsync, rename), and

@@ -1,4 +1,4 @@
-"""EDM2 magnitude-preserving UNet (Karras et al. 2024, config G), ALGORITHMS.md 3.1.
+"""EDM2 magnitude-preserving UNet (Karras et al. 2024, config G), docs/algorithms.md 3.1.
 
 Built only from the MP primitives of ``networks/mp.py``: no biases, no normalization layers
 with learned affine parameters, no additive conditioning. The only learned scalars are each

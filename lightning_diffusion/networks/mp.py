@@ -1,4 +1,4 @@
-"""Magnitude-preserving (MP) primitives of EDM2 (Karras et al. 2024), ALGORITHMS.md 3.1.
+"""Magnitude-preserving (MP) primitives of EDM2 (Karras et al. 2024), docs/algorithms.md 3.1.
 
 Rule: on inputs of unit RMS (per sample, over the non-batch dims), every primitive returns
 outputs of unit RMS in expectation, so activations neither grow nor shrink through the

@@ -1,4 +1,4 @@
-"""EDM2 learned uncertainty weighting, ALGORITHMS.md 3.2.
+"""EDM2 learned uncertainty weighting, docs/algorithms.md 3.2.
 
 Per-sample loss ``lambda(sigma)/exp(u(sigma)) * err + u(sigma)`` with ``u = MPConv(MPFourier(c_noise))``,
 one scalar per sample, trained with the network. For fixed errors the optimum is
@@ -41,7 +41,7 @@ def uncertainty_noise_level(process: NoiseProcess, level: Tensor) -> Tensor:
 
 
 def uncertainty_loss(weighted_err: Tensor, u: Tensor) -> Tensor:
-    """``weighted_err / exp(u) + u`` per sample (ALGORITHMS.md 3.2), minimal at ``u = ln(weighted_err)``."""
+    """``weighted_err / exp(u) + u`` per sample (docs/algorithms.md 3.2), minimal at ``u = ln(weighted_err)``."""
     return weighted_err * torch.exp(-u) + u
 
 

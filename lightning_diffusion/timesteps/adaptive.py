@@ -1,4 +1,4 @@
-"""The learned timestep sampler pi_phi(t | x0) of adaptive non-uniform sampling (ALGORITHMS.md 4).
+"""The learned timestep sampler pi_phi(t | x0) of adaptive non-uniform sampling (docs/algorithms.md 4).
 
 A small CNN reads the clean image and outputs a Beta distribution over ``u'`` in [0, 1]; ``u'`` is
 mapped into the current range ``[u_low, u_high]`` of the base density's CDF and through its
@@ -25,14 +25,14 @@ from .beta import beta_sample
 
 __all__ = ["TimestepPolicy", "AdaptiveTimesteps"]
 
-# Beta draws are kept this far from 0 and 1 (ALGORITHMS.md 4), so log pi(u) stays finite.
+# Beta draws are kept this far from 0 and 1 (docs/algorithms.md 4), so log pi(u) stays finite.
 _U_CLAMP = 1e-6
 
 
 class TimestepPolicy(nn.Module):
     """x0 -> (alpha, beta) of a Beta over u': convolutions, global average pooling (any resolution),
     an MLP, and ``softplus(o) + 1e-5``. The last layer starts at W = 0, b = 0.5, so at init every
-    image gets Beta(0.974, 0.974): near uniform (ALGORITHMS.md 4).
+    image gets Beta(0.974, 0.974): near uniform (docs/algorithms.md 4).
     """
 
     def __init__(self, in_channels: int, channels: int = 32) -> None:
@@ -140,7 +140,7 @@ class AdaptiveTimesteps(LearnedSampler):
 
     # ------------------------------------------------------------------ learning
     def policy_loss(self, x0: Tensor, u: Tensor, reward: Tensor, ent_coef: float) -> Tensor:
-        """REINFORCE with an entropy bonus: ``-mean(log pi(u|x) R) - ent_coef mean(H)`` (ALGORITHMS.md 4)."""
+        """REINFORCE with an entropy bonus: ``-mean(log pi(u|x) R) - ent_coef mean(H)`` (docs/algorithms.md 4)."""
         alpha, beta = self.beta_params(x0)
         dist = torch.distributions.Beta(alpha, beta)
         return -(dist.log_prob(u.float()) * reward.detach().float()).mean() - ent_coef * dist.entropy().mean()

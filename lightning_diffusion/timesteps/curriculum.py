@@ -1,4 +1,4 @@
-"""Easy-to-hard timestep curriculum: noise-level clusters, stage supports and pacers (ALGORITHMS.md 5).
+"""Easy-to-hard timestep curriculum: noise-level clusters, stage supports and pacers (docs/algorithms.md 5).
 
 The noise range is cut into ``N`` clusters; cluster ``N`` holds the most noise (easiest), cluster
 1 the least (hardest). Stage ``n`` trains on the union of the ``n`` easiest clusters, which in the
@@ -25,7 +25,7 @@ __all__ = [
 CLUSTERINGS = ("quantile", "log_snr")
 
 
-# ---------------------------------------------------------------------- clusters (ALGORITHMS.md 5)
+# ---------------------------------------------------------------------- clusters (docs/algorithms.md 5)
 def discrete_bounds(num_timesteps: int, num_clusters: int) -> list[int]:
     """Equal-width integer edges ``b_k = floor(k T / N)``: cluster ``k`` is ``t in [b_{k-1}, b_k)``.
 
@@ -135,7 +135,7 @@ def _check_count(num_clusters: int, num_timesteps: int | None) -> None:
         )
 
 
-# ---------------------------------------------------------------------- pacers (ALGORITHMS.md 5)
+# ---------------------------------------------------------------------- pacers (docs/algorithms.md 5)
 class _Pacer:
     """Stage counter shared by the pacers: stages ``1..num_stages``, never beyond."""
 

@@ -1,4 +1,4 @@
-"""Loss-aware importance sampling of noise levels (improved-diffusion's sampler, ALGORITHMS.md 4).
+"""Loss-aware importance sampling of noise levels (improved-diffusion's sampler, docs/algorithms.md 4).
 
 Levels are grouped in bins: one per timestep for discrete processes, a log-sigma grid for sigma
 processes. Each bin ``b`` has its base-density mass ``q_b`` (from the base CDF; ``1/T`` for uniform

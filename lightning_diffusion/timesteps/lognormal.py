@@ -1,4 +1,4 @@
-"""EDM's log-normal training density, ``ln sigma ~ N(P_mean, P_std^2)`` (ALGORITHMS.md 0)."""
+"""EDM's log-normal training density, ``ln sigma ~ N(P_mean, P_std^2)`` (docs/algorithms.md 0)."""
 
 from __future__ import annotations
 

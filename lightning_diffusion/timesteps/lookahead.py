@@ -1,4 +1,4 @@
-"""The adaptive sampler's look-ahead signal (ALGORITHMS.md 4): losses before and after one
+"""The adaptive sampler's look-ahead signal (docs/algorithms.md 4): losses before and after one
 optimizer step, the ring buffer of per-timestep decreases, and the choice of the subset S.
 
 What "loss" means is a term with one signature, ``term(module, x0, noise, level, labels) -> [B]``:
@@ -110,7 +110,7 @@ class LookaheadBuffer:
     """Ring buffer of the last ``size`` loss decreases ``dL`` over the probe grid, with ``y = sum dL``.
 
     ``select(k)`` returns the k grid indices whose decrease correlates most (|Pearson r|) with the
-    total decrease ``y``: the timesteps whose loss tracks the whole objective (ALGORITHMS.md 4).
+    total decrease ``y``: the timesteps whose loss tracks the whole objective (docs/algorithms.md 4).
 
     Example::
 
