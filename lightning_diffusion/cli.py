@@ -175,12 +175,13 @@ def _default_callbacks(trainer: Namespace) -> list[Any]:
                                    init_args=Namespace(max_depth=1)))
     if "PreemptionCheckpoint" not in names:
         callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.PreemptionCheckpoint"))
-    if trainer.enable_checkpointing is not False and "LastCheckpoint" not in names:
+    if trainer.enable_checkpointing is not False:
         # last.ckpt at the end of every fit and every 30 minutes (a recipe sets every_n_steps); the
-        # after-validation ModelCheckpoint stays, which Lightning adds only when no Checkpoint is given.
+        # after-validation ModelCheckpoint stays (Lightning adds its own only when no Checkpoint is
+        # given) and comes first, so trainer.checkpoint_callback is it even when a recipe names LastCheckpoint.
         if "ModelCheckpoint" not in names:
-            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint"))
-        if not any(_saves_last(c) for c in callbacks):
+            callbacks.insert(0, Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint"))
+        if "LastCheckpoint" not in names and not any(_saves_last(c) for c in callbacks):
             callbacks.append(Namespace(class_path="lightning_diffusion.callbacks.LastCheckpoint"))
     if "SampleGrid" not in names:
         # predict writes PNG grids, fit writes one after each validation and at its end
