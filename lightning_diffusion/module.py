@@ -20,52 +20,25 @@ from torch import Tensor, nn
 from .checkpoint_compat import check_checkpoint_fits, is_plain
 from .clock import ImageClock, images_per_step, images_seen
 from .divergence import DivergenceGuard, NonFiniteLossError
-from .core.noise import EDMProcess, NoiseProcess, VPProcess
+from .core.noise import NoiseProcess, VPProcess
 from .core.precondition import Parametrization
 from .core.seeds import stream_seed
 from .core.targets import RegressionTarget, StandardTarget
 from .core.weighting import ConstantWeighting, LossWeighting
 from .metrics.fd import FrechetDistance, add_generated
+from .networks.checks import check_data_fits_net
+from .networks.mp import normalize_mp_weights_
 from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
-from .optim import group_settings, reapply_settings
+from .optim import clock_schedulers, group_settings, reapply_settings
 from .protocol import StepOutput, step_output
 from .sampling import DiffusionSampler
-from .timesteps import LogNormalSigma, TimestepDistribution, UniformTimesteps
-from .validation import level_buckets, validation_losses
+from .timesteps import TimestepDistribution
+from .timesteps.defaults import check_timesteps, default_timesteps
+from .validation import bucket_means, validation_losses
 
 __all__ = ["DiffusionLightningModule", "NonFiniteLossError"]
 
 _STANDARD_TARGET = StandardTarget()
-
-
-def _default_timesteps(process: NoiseProcess) -> TimestepDistribution:
-    if isinstance(process, VPProcess):
-        return UniformTimesteps(process.num_timesteps)
-    assert isinstance(process, EDMProcess)
-    return LogNormalSigma(process.P_mean, process.P_std)
-
-
-def _check_timesteps(timesteps: TimestepDistribution, process: NoiseProcess) -> None:
-    if timesteps.discrete != process.discrete:
-        kind = "discrete timesteps" if process.discrete else "continuous sigma"
-        raise ValueError(
-            f"timesteps={type(timesteps).__name__} does not fit {type(process).__name__}, which needs {kind}."
-        )
-    num = getattr(timesteps, "num_timesteps", None)
-    if process.discrete and num is not None and num != process.num_timesteps:
-        raise ValueError(
-            f"timesteps.num_timesteps={num} must equal process.num_timesteps={process.num_timesteps}."
-        )
-
-
-def _check_data_fits_net(net: nn.Module, datamodule: Any) -> None:
-    """A network given explicitly (not linked by the CLI) must take the data's channels and size."""
-    for net_name, data_name in (("in_channels", "channels"), ("image_size", "image_size")):
-        want, have = getattr(datamodule, data_name, None), getattr(net, net_name, None)
-        if isinstance(want, int) and isinstance(have, int) and want != have:
-            raise ValueError(
-                f"{type(net).__name__}.{net_name}={have} does not match {type(datamodule).__name__}.{data_name}="
-                f"{want}; use {net_name}={want} (the CLI links it from data.{data_name}).")
 
 
 class DiffusionLightningModule(pl.LightningModule):
@@ -148,8 +121,8 @@ class DiffusionLightningModule(pl.LightningModule):
         self.weighting = weighting if weighting is not None else ConstantWeighting()
         if hasattr(self.weighting, "bind"):  # sigma-based weightings read sigma_data and the SNR reference
             self.weighting.bind(self.process)
-        self.timesteps = timesteps if timesteps is not None else _default_timesteps(self.process)
-        _check_timesteps(self.timesteps, self.process)
+        self.timesteps = timesteps if timesteps is not None else default_timesteps(self.process)
+        check_timesteps(self.timesteps, self.process)
         self.target = target if target is not None else StandardTarget()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -186,7 +159,7 @@ class DiffusionLightningModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             ImageClock.attach(self._trainer)  # the one clock every schedule reads (clock.py)
-        _check_data_fits_net(self.net, getattr(self._trainer, "datamodule", None) if self._trainer else None)
+        check_data_fits_net(self.net, getattr(self._trainer, "datamodule", None) if self._trainer else None)
         # Targets that need the run (STF's reference stream, DDP gathers) attach to it here.
         if hasattr(self.target, "setup"):
             self.target.setup(self)
@@ -217,14 +190,14 @@ class DiffusionLightningModule(pl.LightningModule):
             notes = reapply_settings(self.trainer.optimizers[0], self._optimizer_settings, schedulers)
             if notes:
                 rank_zero_info(f"Resumed with this run's optimizer settings: {'; '.join(notes)}")
-        # A resumed run may use other devices/nodes/accumulation: schedules that follow the
-        # trainer's images per step re-read it after the checkpoint restored their state.
-        # The counted images seen continue from the checkpoint's (clock.py), whatever the layout was.
-        for config in self.trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "follow_trainer", False):
-                per_step = self._images_per_step_for("EDM2LRScheduler.batch_size")
-                config.scheduler.follow(images_seen(self.trainer), per_step)
-                config.scheduler.set_batch_size(per_step)
+        # A resumed run may use other devices/nodes/accumulation: schedules that follow the image
+        # clock continue from its counted images, at this layout's images per step (clock.py).
+        schedulers = clock_schedulers(self.trainer.lr_scheduler_configs)
+        if schedulers:
+            per_step = self._images_per_step_for("EDM2LRScheduler.batch_size")
+            for scheduler in schedulers:
+                scheduler.follow(images_seen(self.trainer), per_step)
+                scheduler.set_batch_size(per_step)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # Forced weight normalization (docs/algorithms.md 3.1) once per real optimizer step, right after
@@ -236,18 +209,13 @@ class DiffusionLightningModule(pl.LightningModule):
         # Lightning steps the schedulers next (before on_train_batch_end): the EDM2 rate of the next
         # step reads the counted clock, which has just credited this step's images.
         clock = ImageClock.find(self.trainer)
-        for config in self.trainer.lr_scheduler_configs if clock is not None else ():
-            if getattr(config.scheduler, "follow_trainer", False):
-                nimg = clock.settle(self.trainer, step=self.trainer.global_step + 1)  # counted after this hook
-                config.scheduler.follow(nimg, clock.images_per_step or config.scheduler.batch_size)
+        for scheduler in clock_schedulers(self.trainer.lr_scheduler_configs) if clock is not None else ():
+            nimg = clock.settle(self.trainer, step=self.trainer.global_step + 1)  # Lightning counts it after this hook
+            scheduler.follow(nimg, clock.images_per_step or scheduler.batch_size)
 
-    @torch.no_grad()
     def normalize_weights_(self) -> None:
-        """Call ``normalize_weights_()`` of every layer of ``net``/``uncertainty`` that has one (MPConv)."""
-        for root in (self.net, self.uncertainty):
-            for layer in root.modules() if root is not None else ():
-                if hasattr(layer, "normalize_weights_"):
-                    layer.normalize_weights_()
+        """Forced weight normalization of the MP layers of ``net`` and ``uncertainty`` (docs/algorithms.md 3.1)."""
+        normalize_mp_weights_(self.net, self.uncertainty)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called while the checkpoint is assembled, before any byte is written: raising here keeps
@@ -377,17 +345,9 @@ class DiffusionLightningModule(pl.LightningModule):
         if every and (self.global_step + 1) % every == 0:
             self.divergence.check(self, weights=False)  # Lightning syncs on these steps anyway
             self.log("train/loss", out["loss"], prog_bar=True)
-            self._log_buckets(out["level"], out["per_sample_loss"])
+            for k, mean in bucket_means(self.process, out["level"], out["per_sample_loss"]).items():
+                self.log(f"train/loss_bucket{k}", mean)
         return out
-
-    def _log_buckets(self, level: Tensor, per_sample: Tensor, num_buckets: int = 4) -> None:
-        """Loss per noise-level quarter (0 = least noise); runs only on logging steps."""
-        buckets = level_buckets(self.process, level, num_buckets)
-        sums = torch.zeros(num_buckets, device=per_sample.device).index_add_(0, buckets, per_sample.float())
-        counts = torch.bincount(buckets, minlength=num_buckets).tolist()
-        for k, n in enumerate(counts):
-            if n:
-                self.log(f"train/loss_bucket{k}", sums[k] / n)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["edm2_lr_factor", "EDM2LRScheduler", "group_settings", "reapply_settings"]
+__all__ = ["edm2_lr_factor", "EDM2LRScheduler", "clock_schedulers", "group_settings", "reapply_settings"]
 
 
 def edm2_lr_factor(nimg: float, ref_images: float, rampup_images: float) -> float:
@@ -127,6 +127,11 @@ class EDM2LRScheduler(LRScheduler):
         if "images_done" not in state:  # saved before the counter: its steps were all of batch_size images
             state["images_done"] = max(int(state.get("last_epoch", 0)), 0) * int(state.get("batch_size") or 0)
         super().load_state_dict(state)
+
+
+def clock_schedulers(configs: list[Any]) -> list[Any]:
+    """The schedulers among Lightning's scheduler configs that follow the image clock (``follow_trainer``)."""
+    return [c.scheduler for c in configs if getattr(c.scheduler, "follow_trainer", False)]
 
 
 def group_settings(optimizer: Optimizer) -> list[dict[str, Any]]:

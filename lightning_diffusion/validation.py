@@ -12,7 +12,7 @@ from .core.noise import NoiseProcess
 if TYPE_CHECKING:
     from .module import DiffusionLightningModule
 
-__all__ = ["validation_losses", "level_buckets"]
+__all__ = ["validation_losses", "level_buckets", "bucket_means"]
 
 
 def level_buckets(process: NoiseProcess, level: Tensor, num_buckets: int) -> Tensor:
@@ -45,3 +45,11 @@ def validation_losses(
         mse_x0 = mse_x0 + (x0_hat - x0.float()).square().mean()
     n = len(grid)
     return {"loss": loss / n, "mse_x0": mse_x0 / n}
+
+
+def bucket_means(process: NoiseProcess, level: Tensor, per_sample: Tensor, num_buckets: int = 4) -> dict[int, Tensor]:
+    """Mean loss per noise-level bucket (0 = least noise), for the buckets that hold samples (one host read)."""
+    buckets = level_buckets(process, level, num_buckets)
+    sums = torch.zeros(num_buckets, device=per_sample.device).index_add_(0, buckets, per_sample.float())
+    counts = torch.bincount(buckets, minlength=num_buckets).tolist()
+    return {k: sums[k] / n for k, n in enumerate(counts) if n}

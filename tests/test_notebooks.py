@@ -53,3 +53,16 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
         assert len(images) == 2
         text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
         assert text.count("val/fd=") == 4 and "nan" not in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_shows_its_figures(path):
+    # A reader on the repository page sees the executed notebook: every code cell ran, and the
+    # figures are there, without running anything.
+    notebook = nbformat.read(path, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), f"{path.name} has cells that were not executed"
+    images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} is committed without its figures"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

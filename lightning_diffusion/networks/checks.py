@@ -48,3 +48,13 @@ def check_input(net: Any, x: Any, noise_level: Any) -> None:
         )
     if noise_level.numel() not in (1, x.shape[0]):
         raise ValueError(f"{name} noise_level has {noise_level.numel()} values for a batch of {x.shape[0]}.")
+
+
+def check_data_fits_net(net: nn.Module, datamodule: Any) -> None:
+    """A network given explicitly (not linked by the CLI) must take the data's channels and size."""
+    for net_name, data_name in (("in_channels", "channels"), ("image_size", "image_size")):
+        want, have = getattr(datamodule, data_name, None), getattr(net, net_name, None)
+        if isinstance(want, int) and isinstance(have, int) and want != have:
+            raise ValueError(
+                f"{type(net).__name__}.{net_name}={have} does not match {type(datamodule).__name__}.{data_name}="
+                f"{want}; use {net_name}={want} (the CLI links it from data.{data_name}).")

@@ -119,3 +119,12 @@ class MPConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={tuple(self.weight.shape[2:])}"
+
+
+@torch.no_grad()
+def normalize_mp_weights_(*roots: nn.Module | None) -> None:
+    """Call ``normalize_weights_()`` of every layer below ``roots`` that has one (MPConv, docs/algorithms.md 3.1)."""
+    for root in roots:
+        for layer in root.modules() if root is not None else ():
+            if hasattr(layer, "normalize_weights_"):
+                layer.normalize_weights_()
