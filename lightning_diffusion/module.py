@@ -208,10 +208,11 @@ class DiffusionLightningModule(pl.LightningModule):
         self.normalize_weights_()
         # Lightning steps the schedulers next (before on_train_batch_end): the EDM2 rate of the next
         # step reads the counted clock, which has just credited this step's images.
-        clock = ImageClock.find(self.trainer)
-        for scheduler in clock_schedulers(self.trainer.lr_scheduler_configs) if clock is not None else ():
+        clock, schedulers = ImageClock.find(self.trainer), clock_schedulers(self.trainer.lr_scheduler_configs)
+        if clock is not None and schedulers:
             nimg = clock.settle(self.trainer, step=self.trainer.global_step + 1)  # Lightning counts it after this hook
-            scheduler.follow(nimg, clock.images_per_step or scheduler.batch_size)
+            for scheduler in schedulers:
+                scheduler.follow(nimg, clock.images_per_step or scheduler.batch_size)
 
     def normalize_weights_(self) -> None:
         """Forced weight normalization of the MP layers of ``net`` and ``uncertainty`` (docs/algorithms.md 3.1)."""

@@ -83,7 +83,6 @@ class TimestepCurriculum(pl.Callback):
         self.u_bounds: list[float] | None = None
         self.level_bounds: list[float] | None = None
         self.switches: list[dict[str, Any]] = []  # {"step", "nimg", "stage"} of every switch
-        self._last_step = 0
         self.gate = OptimizerStepGate()
         self._stage_checks = 0  # micro-batches whose levels are checked against the stage (after each change)
         self._micro_sum: Tensor | None = None
@@ -162,7 +161,6 @@ class TimestepCurriculum(pl.Callback):
             self._accumulate(outputs)
         if not self.gate.passed(trainer):  # a micro-batch of gradient accumulation: no optimizer step
             return
-        self._last_step = step
         if not self.pacer.finished:
             if self.pacing == "fixed":
                 if self.pacer.step():
@@ -223,7 +221,7 @@ class TimestepCurriculum(pl.Callback):
         else:
             buffered = self._pending if self._pending is not None else torch.zeros(0)
         return {"pacing": self.pacing, "pacer": self.pacer.state_dict(), "clustering": self.clustering,
-                "u_bounds": self.u_bounds, "level_bounds": self.level_bounds, "last_step": self._last_step,
+                "u_bounds": self.u_bounds, "level_bounds": self.level_bounds, "last_step": self.gate.last_step,
                 "buffered_losses": buffered, "switches": [dict(s) for s in self.switches]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -233,7 +231,7 @@ class TimestepCurriculum(pl.Callback):
             self.pacer.stage = int(state_dict["pacer"]["stage"])
         self.u_bounds = [float(u) for u in state_dict["u_bounds"]] if state_dict["u_bounds"] else None
         self.level_bounds = [float(b) for b in state_dict["level_bounds"]] if state_dict["level_bounds"] else None
-        self._last_step = int(state_dict["last_step"])
+        self.gate.last_step = int(state_dict["last_step"])  # on_train_start sets it from the restored step too
         self._pending, self._buffer, self._fill = state_dict["buffered_losses"].float().cpu(), None, 0
         self.switches = [dict(s) for s in state_dict["switches"]]
 

@@ -40,9 +40,10 @@ class LossAwareTimestepSampling(TimestepSamplerCallback):
 
     Reads from the module (docs/callbacks.md): ``timesteps``; ``training_step`` returns ``level``,
     ``per_sample_loss`` and ``importance_weight``, and its loss is ``mean(w * per_sample_loss)``
-    with ``w = q_b / p_b`` (``1/(T p_t)``), an unbiased estimate of the original objective. The losses of every rank are all-gathered
-    (padded to a fixed size, so unequal per-rank batches need no host sync), so every rank holds the
-    same history and the same distribution; the draws differ per rank. The history is checkpointed
+    with ``w = q_b / p_b`` (``1/(T p_t)``), an unbiased estimate of the original objective. The
+    losses of every rank are all-gathered (padded to a fixed size, so unequal per-rank batches need
+    no host sync), so every rank holds the same history and the same distribution; the draws differ
+    per rank. The history is checkpointed
     in this callback's state (and by ``DiffusionLightningModule`` with its timesteps). Composes with
     ``TimestepCurriculum`` (``restrict``) and any weighting; not with another sampler that chooses
     the levels. During the first steps it checks that the module trains on its draws and applies

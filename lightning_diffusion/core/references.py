@@ -43,6 +43,18 @@ def _fingerprint(images: Tensor) -> Tensor:
     return flat @ _PROJECTIONS[key]
 
 
+def _same_images(prints_a: Tensor, prints_b: Tensor, d: int) -> Tensor:
+    """[A, B] bool: fingerprints equal within 1e-5 * sqrt(d) on every projection (identical images).
+
+    One projection at a time: [A, B] comparisons, never an [A, B, projections] tensor.
+    """
+    tol = 1e-5 * d**0.5
+    match = torch.ones(prints_a.shape[0], prints_b.shape[0], dtype=torch.bool, device=prints_a.device)
+    for k in range(_NUM_PROJECTIONS):
+        match &= (prints_a[:, k, None] - prints_b[None, :, k]).abs() <= tol
+    return match
+
+
 def duplicate_mask(batch: Tensor, references: Tensor, own: Tensor | None = None) -> Tensor:
     """[n] bool: references identical to some batch image (by 4 random projections), own entries excluded.
 
@@ -52,10 +64,7 @@ def duplicate_mask(batch: Tensor, references: Tensor, own: Tensor | None = None)
     Vectorized, no host sync. Identical images give projections equal up to fp32 rounding
     (tolerance 1e-5 * sqrt(d)); distinct ones collide with negligible probability.
     """
-    d = batch[0].numel()
-    fb, fr = _fingerprint(batch), _fingerprint(references)
-    tol = 1e-5 * d**0.5
-    dup = ((fb[:, None, :] - fr[None, :, :]).abs() <= tol).all(-1).any(0)
+    dup = _same_images(_fingerprint(batch), _fingerprint(references), batch[0].numel()).any(0)
     own = torch.arange(batch.shape[0], device=batch.device) if own is None else own
     dup[own] = False
     return dup
@@ -71,10 +80,7 @@ def own_duplicates(references: Tensor, own_index: Tensor | None, batch: int | No
     n = references.shape[0]
     own = torch.arange(n if batch is None else batch, device=references.device) if own_index is None else own_index
     prints = _fingerprint(references)
-    own_prints, tol = prints[own], 1e-5 * references[0].numel() ** 0.5
-    match = torch.ones(own.shape[0], n, dtype=torch.bool, device=references.device)
-    for k in range(_NUM_PROJECTIONS):
-        match &= (own_prints[:, k, None] - prints[None, :, k]).abs() <= tol
+    match = _same_images(prints[own], prints, references[0].numel())
     match[torch.arange(own.shape[0], device=own.device), own] = False
     return match
 

@@ -7,6 +7,7 @@ from .importance import LossAwareTimesteps
 from .lognormal import LogNormalSigma
 from .uniform import UniformSigma, UniformTimesteps
 
-__all__ = ["TimestepDistribution", "InverseCDFDistribution", "LearnedSampler", "check_restriction", "UniformTimesteps", "UniformSigma", "LogNormalSigma",
+__all__ = ["TimestepDistribution", "InverseCDFDistribution", "LearnedSampler", "check_restriction",
+           "UniformTimesteps", "UniformSigma", "LogNormalSigma",
            "FixedPacer", "PatiencePacer", "cluster_bounds", "stage_support",
            "AdaptiveTimesteps", "TimestepPolicy", "LossAwareTimesteps"]
