@@ -53,6 +53,7 @@ ARMS: dict[str, Arm] = {
                             "EDM + EDM2 learned uncertainty weighting"),
     "full_stack": Arm(("min_snr.yaml", "stf.yaml", "full_stack.yaml"), "baseline",
                       "Min-SNR + STF + loss-aware + curriculum + post-hoc EMA"),
+    "flow": Arm(("flow.yaml",), "baseline", "rectified flow, logit-normal t, velocity loss"),
 }
 
 FIELDS = ["arm", "seed", "step", "images", "train_seconds", "val_loss", "val_mse_x0", "val_fd"]

@@ -14,6 +14,8 @@ Trainer (no logger, progress bar, checkpointing or validation), from the same in
   adaptive     ``AdaptiveTimestepSampling(update_every=40)``: a policy forward every step, and every
                40 steps the look-ahead (|S| x batch + 20 probe evaluations, before and after the
                step) and a REINFORCE step (goal: <= 15% over uniform).
+  adaptive-vlb as adaptive with ``reward="vlb"``: the look-ahead scores each timestep's term of the
+               variational bound instead of the training loss.
 
 Timing: a Callback placed after the sampler callbacks reads the clock when step ``warmup`` starts
 and when step ``warmup + steps - 1`` has finished (its ``on_train_batch_end`` runs after theirs), so
@@ -85,8 +87,9 @@ class StepTimer(pl.Callback):
 def make_sampler(name: str, args: argparse.Namespace) -> list[pl.Callback]:
     if name == "loss-aware":
         return [LossAwareTimestepSampling(history=10, uniform_prob=1e-3, log_distribution_every=0)]
-    if name == "adaptive":
-        return [AdaptiveTimestepSampling(update_every=args.update_every, log_distribution_every=0, show_subset=False)]
+    if name.startswith("adaptive"):
+        return [AdaptiveTimestepSampling(update_every=args.update_every, log_distribution_every=0, show_subset=False,
+                                         reward="vlb" if name == "adaptive-vlb" else "loss")]
     return []
 
 
@@ -117,18 +120,18 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.steps} timed steps, {args.rounds} rounds")
     if hasattr(os, "getloadavg"):
         print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    names = ["uniform", "loss-aware", "adaptive"]
+    names = ["uniform", "loss-aware", "adaptive", "adaptive-vlb"]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(run(name, args))
-            print(f"  round {r + 1}: {name:<10} {1000 * times[name][-1]:8.2f} ms/step")
+            print(f"  round {r + 1}: {name:<12} {1000 * times[name][-1]:8.2f} ms/step")
     base, base_best = statistics.median(times["uniform"]), min(times["uniform"])
-    print(f"\n| sampler    | median ms/step | best ms/step | overhead (median) | overhead (best) |")
-    print(f"|------------|----------------|--------------|-------------------|-----------------|")
+    print(f"\n| sampler      | median ms/step | best ms/step | overhead (median) | overhead (best) |")
+    print(f"|--------------|----------------|--------------|-------------------|-----------------|")
     for name in names:
         med, best = statistics.median(times[name]), min(times[name])
-        print(f"| {name:<10} | {1000 * med:14.2f} | {1000 * best:12.2f} | {100 * (med / base - 1):+16.1f}% "
+        print(f"| {name:<12} | {1000 * med:14.2f} | {1000 * best:12.2f} | {100 * (med / base - 1):+16.1f}% "
               f"| {100 * (best / base_best - 1):+14.1f}% |")
     if hasattr(os, "getloadavg"):
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

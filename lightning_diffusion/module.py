@@ -21,6 +21,7 @@ from .checkpoint_compat import check_checkpoint_fits, is_plain
 from .clock import ImageClock, images_per_step, images_seen
 from .divergence import DivergenceGuard, NonFiniteLossError
 from .core.noise import NoiseProcess, VPProcess
+from .core.perturb import check_strength, training_noise
 from .core.precondition import Parametrization
 from .core.seeds import stream_seed
 from .core.targets import RegressionTarget, StandardTarget
@@ -47,8 +48,9 @@ class DiffusionLightningModule(pl.LightningModule):
     Args:
         net: the network; VP processes pass the timestep index (float) as ``noise_level``, EDM
             passes ``c_noise = ln(sigma)/4`` after EDM preconditioning.
-        process: ``VPProcess`` (default) or ``EDMProcess``.
-        prediction: ``"eps"``, ``"x0"`` or ``"v"`` (EDM: ``"x0"``, the denoiser).
+        process: ``VPProcess`` (default), ``EDMProcess`` or ``RectifiedFlowProcess``.
+        prediction: ``"eps"``, ``"x0"`` or ``"v"`` (EDM: ``"x0"``, the denoiser; rectified flow: ``"flow"``,
+            the velocity ``eps - x0``).
         weighting: per-sample loss weighting (default: constant, in the prediction's space).
         timesteps: training-time noise-level distribution (default: uniform t / EDM log-normal).
         target: regression target (default: the standard one).
@@ -59,7 +61,8 @@ class DiffusionLightningModule(pl.LightningModule):
             global torch RNG is reseeded from it before each training step, so dropout resumes exactly too.
         val_levels: size of the fixed noise-level grid of the validation loss.
         val_seed: seed of the fixed validation noise.
-        compile: wrap the network in ``torch.compile``.
+        compile: compile the network with ``torch.compile``: ``True`` with its default backend
+            (inductor), or a backend's name (``"inductor"``, ``"aot_eager"``, ``"cudagraphs"``...).
         sample_steps, sample_solver: defaults of :meth:`sample`.
         fd_samples: generate this many images (over all ranks) at each validation and log the
             Frechet distance to the validation images as ``val/fd``; 0 turns it off.
@@ -69,6 +72,11 @@ class DiffusionLightningModule(pl.LightningModule):
             :func:`uncertainty_noise_level` in fp32; it trains with the network's optimizer.
             ``per_sample_loss`` (for callbacks) and ``val/loss`` stay ``weight * mse`` without ``u``,
             so they compare across runs with and without it.
+        offset_noise: strength ``c`` of offset noise (Guttenberg 2023; docs/algorithms.md 6): the noise
+            gains ``c * delta`` with ``delta ~ N(0, 1)`` per sample and channel, constant over pixels, in
+            the noisy input and in the target alike. 0 (default) turns it off; 0.1 is the usual value.
+        input_perturbation: strength ``g`` of input perturbation (Ning et al. 2023): the noisy input is
+            built from ``eps + g xi`` while the target keeps ``eps``. 0 turns it off; the paper uses 0.1.
         check_finite: stop with :class:`NonFiniteLossError` (naming the optimizer step and the last
             good checkpoint) once the training loss or the weights are nan/inf, and never write a
             checkpoint of non-finite weights. The loss is recorded on the device every step (no host
@@ -97,12 +105,14 @@ class DiffusionLightningModule(pl.LightningModule):
         seed: int = 0,
         val_levels: int = 8,
         val_seed: int = 1234,
-        compile: bool = False,
+        compile: bool | str = False,
         sample_steps: int = 32,
         sample_solver: str = "heun",
         fd_samples: int = 0,
         fd_feature_net: nn.Module | None = None,
         uncertainty: nn.Module | None = None,
+        offset_noise: float = 0.0,
+        input_perturbation: float = 0.0,
         check_finite: bool = True,
     ) -> None:
         super().__init__()
@@ -132,9 +142,18 @@ class DiffusionLightningModule(pl.LightningModule):
             raise ValueError(f"label_dropout={label_dropout} must be in [0, 1).")
         if val_levels < 1:
             raise ValueError(f"val_levels={val_levels} must be >= 1.")
+        self.offset_noise = check_strength("offset_noise", offset_noise)
+        self.input_perturbation = check_strength("input_perturbation", input_perturbation)
         self.num_classes, self.label_dropout = num_classes, label_dropout
         self.seed, self.val_levels, self.val_seed = seed, val_levels, val_seed
         self.sampler = DiffusionSampler(self.param, sample_steps, sample_solver)
+        if isinstance(compile, str):
+            import torch._dynamo  # only when a backend is named: importing Dynamo takes a moment
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if compile not in backends:
+                raise ValueError(f"compile={compile!r} is not a torch.compile backend; give true, false or one of "
+                                 f"{backends}.")
         self.compile_net = compile
         if fd_samples < 0:
             raise ValueError(f"fd_samples={fd_samples} must be >= 0 (0 turns the FD off).")
@@ -154,7 +173,8 @@ class DiffusionLightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         # In-place nn.Module.compile keeps state_dict keys unchanged (no "_orig_mod." prefix).
         if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
-            self.net.compile()
+            backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
+            self.net.compile(backend=backend)
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -283,6 +303,7 @@ class DiffusionLightningModule(pl.LightningModule):
     def weighted_mse(
         self, x0: Tensor, noise: Tensor, level: Tensor, labels: Tensor | None,
         target: RegressionTarget | None = None, data_labels: Tensor | None = None,
+        input_noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """noise -> target -> forward -> weight at given levels: ``(output, x_noisy, mse, weight)``.
 
@@ -290,8 +311,9 @@ class DiffusionLightningModule(pl.LightningModule):
         evaluations measure the true objective; training passes ``self.target`` (e.g. STF).
         ``labels`` condition the network; ``data_labels`` (training: the labels before guidance
         dropout) reach the target, whose references keep their true classes (docs/algorithms.md 2).
+        ``input_noise`` (input perturbation) replaces ``noise`` in the noisy input only.
         """
-        x_noisy = self.process.add_noise(x0, noise, level)
+        x_noisy = self.process.add_noise(x0, noise if input_noise is None else input_noise, level)
         with torch.no_grad():
             true_labels = {} if data_labels is None else {"data_labels": data_labels}
             target = (target or _STANDARD_TARGET)(self.param, x0, noise, x_noisy, level, labels, **true_labels)
@@ -318,9 +340,10 @@ class DiffusionLightningModule(pl.LightningModule):
     ) -> StepOutput:
         """One training draw: per-sample weighted losses and what produced them."""
         level, importance = self.timesteps.sample(x0.shape[0], x0.device, generator, x0=x0, labels=labels)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise, input_noise = training_noise(x0, generator, self.offset_noise, self.input_perturbation)
         net_labels = self.drop_labels(labels, generator)  # dropout hides labels from the network only
-        _, _, mse, weight = self.weighted_mse(x0, noise, level, net_labels, target=self.target, data_labels=labels)
+        _, _, mse, weight = self.weighted_mse(x0, noise, level, net_labels, target=self.target, data_labels=labels,
+                                              input_noise=input_noise)
         per_sample = weight * mse
         trained = per_sample
         if self.uncertainty is not None:

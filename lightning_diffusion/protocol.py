@@ -11,7 +11,7 @@ parameters             nothing beyond ``nn.Module`` (``PostHocEMA(module="net")`
 ``timesteps``          a :class:`~lightning_diffusion.timesteps.TimestepDistribution`  samplers, curriculum
                        attribute; ``training_step`` draws its levels with
                        ``self.timesteps.sample(B, device, generator, x0=x0, labels=y)``
-``process``            the noise process (``VPProcess``/``EDMProcess``) attribute      curriculum, VLB reward
+``process``            the noise process (VP, EDM or rectified flow) attribute          curriculum, VLB reward
 ``training_step``      returns a :class:`StepOutput` (:func:`step_output` builds it)   samplers, curriculum
 ``lookahead_loss``     ``lookahead_loss(x0, noise, level, labels) -> [B]``: the        AdaptiveTimestepSampling
                        per-sample training loss at given levels and noise (no grad)

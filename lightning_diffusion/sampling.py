@@ -3,6 +3,8 @@
 Solvers (``core/solvers.py``) work in the scaled space ``x = x_t / a_t`` with ``sigma = s_t / a_t``.
 This file adapts a parametrized network to that space: EDM networks are already denoisers of
 ``x + sigma n``; VP networks are called at the discrete timestep whose sigma is nearest.
+Rectified flow is sampled in its own time instead: the ODE ``dx/dt = v`` from t = 1 to 0 with the
+network's velocity (docs/algorithms.md 6).
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core.noise import EDMProcess, VPProcess
+from .core.noise import EDMProcess, RectifiedFlowProcess, VPProcess
 from .core.precondition import Parametrization
-from .core.solvers import SOLVERS, karras_sigmas
+from .core.solvers import FLOW_SOLVERS, SOLVERS, flow_times, karras_sigmas
 
-__all__ = ["DiffusionSampler", "VEDenoiser", "VP_SIGMA_MAX"]
+__all__ = ["DiffusionSampler", "VEDenoiser", "FlowVelocity", "VP_SIGMA_MAX"]
 
 # EDM's sigma_max: starting VP sampling here instead of at t = T-1 changes the initial
 # distribution by less than (data std / 80)^2 in variance.
@@ -53,6 +55,23 @@ class VEDenoiser:
         return (uncond + self.guidance * (cond - uncond)).to(x.dtype)
 
 
+class FlowVelocity:
+    """``velocity(x, t) -> v`` of a flow network, with classifier-free guidance on v."""
+
+    def __init__(self, param: Parametrization, net: nn.Module, labels: Tensor | None,
+                 null_label: int, guidance: float) -> None:
+        self.param, self.net, self.labels = param, net, labels
+        self.null_label, self.guidance = null_label, guidance
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.labels is None or self.guidance == 1.0:
+            return self.param.predict(self.net, x, t, self.labels).to(x.dtype)
+        null = torch.full_like(self.labels, self.null_label)
+        both = self.param.predict(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, null]))
+        cond, uncond = both.chunk(2)
+        return (uncond + self.guidance * (cond - uncond)).to(x.dtype)
+
+
 class DiffusionSampler:
     """Builds the sigma grid and runs a solver (``"heun"``, ``"euler"`` or ``"ddim"``).
 
@@ -66,12 +85,14 @@ class DiffusionSampler:
         self.param = param
         self.num_steps = num_steps
         self.solver = solver
+        self.flow = isinstance(param.process, RectifiedFlowProcess)
         self._check(num_steps, solver)
 
-    @staticmethod
-    def _check(num_steps: int, solver: str) -> None:
-        if solver not in SOLVERS:
-            raise ValueError(f"sample_solver={solver!r} is not supported; use one of {sorted(SOLVERS)}.")
+    def _check(self, num_steps: int, solver: str) -> None:
+        solvers = FLOW_SOLVERS if self.flow else SOLVERS
+        if solver not in solvers:
+            where = " with RectifiedFlowProcess" if self.flow else ""
+            raise ValueError(f"sample_solver={solver!r} is not supported{where}; use one of {sorted(solvers)}.")
         if num_steps < 1:
             raise ValueError(f"sample_steps={num_steps} must be >= 1.")
 
@@ -96,11 +117,15 @@ class DiffusionSampler:
                generator: torch.Generator | None = None) -> Tensor:
         num_steps, solver = num_steps or self.num_steps, solver or self.solver
         self._check(num_steps, solver)
-        sigmas = self.sigmas(num_steps)
         labels = None
         if num_classes > 0:
             labels = class_labels if class_labels is not None else torch.full((num_samples,), num_classes)
             labels = labels.to(device)
+        if self.flow:
+            velocity = FlowVelocity(self.param, net, labels, num_classes, guidance)
+            x = torch.randn((num_samples, *shape), generator=generator, device=device)
+            return FLOW_SOLVERS[solver](velocity, x, flow_times(num_steps), generator=generator)
+        sigmas = self.sigmas(num_steps)
         denoiser = VEDenoiser(self.param, net, labels, num_classes, guidance)
         x = torch.randn((num_samples, *shape), generator=generator, device=device) * float(sigmas[0])
         return SOLVERS[solver](denoiser, x, sigmas, generator=generator)

@@ -89,7 +89,7 @@ CLI_CASES = [
                 "--data.labels_key=null"],
      ["ArrayDataModule.path", "images have shape (10, 2, 3, 8, 8)", "[N,C,H,W]"]),
     ("unknown_prediction", lambda p: ["--model.init_args.prediction=score"],
-     ["prediction='score' is not supported", "use one of ('eps', 'x0', 'v')"]),
+     ["prediction='score' is not supported", "use one of ('eps', 'x0', 'v', 'flow')"]),
     ("missing_image_folder",
      lambda p: ["--data=lightning_diffusion.data.ImageFolderDataModule", "--data.path=/no/such"],
      ["ImageFolderDataModule.path: '/no/such' is not an existing folder"]),

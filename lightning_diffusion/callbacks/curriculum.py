@@ -17,7 +17,8 @@ from torch import Tensor
 from ..clock import ImageClock, images_seen
 from ..protocol import require, require_outputs
 from .steps import OptimizerStepGate
-from ..timesteps import LogNormalSigma, TimestepDistribution
+from ..timesteps import TimestepDistribution
+from ..timesteps.defaults import default_timesteps
 from ..timesteps.curriculum import CLUSTERINGS, FixedPacer, PatiencePacer, cluster_bounds, stage_support
 
 __all__ = ["TimestepCurriculum"]
@@ -148,7 +149,7 @@ class TimestepCurriculum(pl.Callback):
         edge = self.level_bounds[self.num_clusters - self.pacer.stage]
         if pl_module.process.discrete:
             return f"t in [{int(edge)}, {pl_module.process.num_timesteps - 1}]"
-        return f"sigma >= {edge:.4g}"
+        return f"{'t' if pl_module.process.level_kind == 't' else 'sigma'} >= {edge:.4g}"
 
     # ------------------------------------------------------------------ training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -240,9 +241,9 @@ def _base_density(timesteps: TimestepDistribution, process: Any) -> Any:
     """The density whose CDF coordinate ``restrict`` uses (sigma processes; docs/algorithms.md 5).
 
     The distribution itself when it has an inverse CDF, else its ``base`` (wrapping samplers), else
-    the process's log-normal training density.
+    the process's default training density.
     """
     for candidate in (timesteps, getattr(timesteps, "base", None)):
         if candidate is not None and hasattr(candidate, "cdf") and hasattr(candidate, "icdf"):
             return candidate
-    return LogNormalSigma(process.P_mean, process.P_std)
+    return default_timesteps(process)

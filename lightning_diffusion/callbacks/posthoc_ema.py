@@ -104,6 +104,12 @@ class PostHocEMA(pl.Callback):
             self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
         if stage == "fit" and self.snapshot_every_nimg:
             self._dir(trainer)
+        if stage != "fit" and self.validate_index is not None and trainer.ckpt_path is None \
+                and self._pending is None and self.ema.num_updates == 0:
+            # Before any file is written: evaluating an average that was never taken cannot work.
+            raise ValueError(f"PostHocEMA.validate_with={self.sigma_rels[self.validate_index]}: there is no post-hoc "
+                             f"EMA to {getattr(stage, 'value', stage)} without a checkpoint; give --ckpt_path (a checkpoint of a fit with "
+                             f"PostHocEMA) or set validate_with: null to use the raw weights.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.gate.start(trainer)
@@ -194,7 +200,9 @@ class PostHocEMA(pl.Callback):
             message = (f"PostHocEMA.validate_with: the sigma_rel={self.sigma_rels[self.validate_index]} average "
                        "has had no update yet")
             if trainer.state.fn != "fit":
-                raise RuntimeError(message + "; load a checkpoint that holds PostHocEMA state (--ckpt_path).")
+                # A setting that cannot work (the CLI prints it as one line, exit 2), not a crash.
+                raise ValueError(message + "; load a checkpoint that holds PostHocEMA state (--ckpt_path) or set "
+                                 "validate_with: null to validate the raw weights.")
             if not trainer.sanity_checking:
                 rank_zero_warn(message + "; validating the raw weights.")
             return

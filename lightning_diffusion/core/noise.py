@@ -7,6 +7,8 @@ string:
   level is an integer timestep ``t`` in ``[0, T)``.
 * ``EDMProcess``: continuous variance-exploding noise, ``x = y + sigma n``; the noise level is
   ``sigma`` itself.
+* ``RectifiedFlowProcess``: the straight path ``x_t = (1 - t) x0 + t eps`` of rectified flow; the
+  noise level is ``t`` in [0, 1] (docs/algorithms.md 6).
 
 Both expose ``scale_and_sigma(level) -> (a, sigma_ve)`` so that ``x_t = a * (x0 + sigma_ve * eps)``:
 every solver works in the scaled (VE) space, and every SNR is ``1 / sigma_ve**2``.
@@ -20,13 +22,22 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseProcess", "VPProcess", "EDMProcess", "make_betas"]
+__all__ = ["NoiseProcess", "VPProcess", "EDMProcess", "RectifiedFlowProcess", "make_betas"]
 
 
 class NoiseProcess:
     """Protocol shared by every noise process (duck-typed; subclasses override all methods)."""
 
     discrete: bool = False
+    level_kind: str | None = None  # what a level is: "timestep" (VP), "sigma" (EDM) or "t" (flow)
+
+    def network_level(self, level: Tensor) -> Tensor:
+        """What the network is given as its noise level (float32); VP: the timestep itself."""
+        return level.float()
+
+    def level_from_sigma(self, sigma: Tensor) -> Tensor:
+        """The continuous level with VE noise ``sigma = s / a`` (EDM: sigma itself)."""
+        return sigma
 
     def scale_and_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(a, sigma)`` with ``x_level = a * (x0 + sigma * eps)``, float32, per sample."""
@@ -116,6 +127,7 @@ class VPProcess(NoiseProcess):
     """
 
     discrete = True
+    level_kind = "timestep"
 
     def __init__(
         self,
@@ -186,6 +198,7 @@ class EDMProcess(NoiseProcess):
     """
 
     discrete = False
+    level_kind = "sigma"
 
     def __init__(
         self,
@@ -241,3 +254,65 @@ class EDMProcess(NoiseProcess):
             f"EDMProcess(sigma_data={self.sigma_data}, P_mean={self.P_mean}, P_std={self.P_std}, "
             f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, snr_reference={self.snr_reference!r})"
         )
+
+
+# t is kept this far from 0 where an SNR is formed: SNR(1e-7) = 1e14 stays finite in float32.
+_T_FLOOR = 1e-7
+
+
+class RectifiedFlowProcess(NoiseProcess):
+    """Rectified flow: ``x_t = (1 - t) x0 + t eps`` for ``t`` in [0, 1] (docs/algorithms.md 6).
+
+    ``SNR(t) = ((1 - t) / t)^2``; in VE terms ``a = 1 - t`` and ``sigma = t / (1 - t)``. The network
+    is trained to predict the velocity ``eps - x0`` (``prediction="flow"``) and is given
+    ``1000 t`` as its noise level, the timestep scale its sinusoidal embedding was designed for
+    (as in Stable Diffusion 3). ``t_min``/``t_max`` bound the log-SNR range of the curriculum's
+    ``clustering="log_snr"`` only; training and sampling use the whole of [0, 1].
+
+    Example::
+
+        process = RectifiedFlowProcess()
+        x_t = process.add_noise(x0, torch.randn_like(x0), t)      # t in [0, 1], shape [B]
+    """
+
+    discrete = False
+    level_kind = "t"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1 - 1e-3) -> None:
+        if not 0 < t_min < t_max < 1:
+            raise ValueError(f"RectifiedFlowProcess needs 0 < t_min < t_max < 1; got t_min={t_min}, t_max={t_max}.")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        # The same range as VE sigma, for code written in sigma (the curriculum's log-SNR edges).
+        self.sigma_min, self.sigma_max = self.t_min / (1 - self.t_min), self.t_max / (1 - self.t_max)
+
+    def network_level(self, level: Tensor) -> Tensor:
+        return level.float() * 1000.0
+
+    def level_from_sigma(self, sigma: Tensor) -> Tensor:
+        return sigma / (1 + sigma)
+
+    def scale_and_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        t = level.float()
+        return 1 - t, t / (1 - t)  # inf sigma at t = 1: only VE-space code sees it, and flow sampling is not
+
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        t = level.float()
+        return 1 - t, t
+
+    def snr(self, level: Tensor) -> Tensor:
+        t = level.float()
+        return ((1 - t) / t.clamp_min(_T_FLOOR)).square()
+
+    def add_noise(self, x0: Tensor, noise: Tensor, level: Tensor) -> Tensor:
+        t = _expand(level.float(), x0)
+        return (1 - t) * x0 + t * noise
+
+    def training_quantile(self, level: Tensor) -> Tensor:
+        return level.float().clamp(0, 1)
+
+    def validation_levels(self, n: int) -> Tensor:
+        # Midpoints of n equal bins of [0, 1]: every part of the path, whatever density trains it.
+        return (torch.arange(n, dtype=torch.float32) + 0.5) / n
+
+    def __repr__(self) -> str:
+        return f"RectifiedFlowProcess(t_min={self.t_min}, t_max={self.t_max})"

@@ -3,6 +3,9 @@
 * VP: the raw network output is eps, x0 or ``v = a eps - s x0`` (inverse: ``x0 = a x_t - s v``).
 * EDM: the network ``F`` is preconditioned, ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``,
   and the prediction is the denoiser ``D`` (x0 space).
+* Rectified flow: the network predicts the velocity ``u = eps - x0`` (``"flow"``); with
+  ``x_t = a x0 + s eps``, ``x0 = (x_t - s u) / (a + s)`` and ``eps = (x_t + a u) / (a + s)``
+  (docs/algorithms.md 6; ``a + s = 1`` on the flow path).
 
 A :class:`Parametrization` pairs a process with a prediction type and gives the module one
 signature for every case: ``predict`` (model output in prediction space), ``target`` (the
@@ -13,11 +16,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .noise import EDMProcess, NoiseProcess, _expand
+from .noise import EDMProcess, NoiseProcess, RectifiedFlowProcess, _expand
 
 __all__ = ["PREDICTIONS", "edm_coefficients", "Parametrization", "check_prediction"]
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
 def check_prediction(prediction: str, process: NoiseProcess) -> None:
@@ -29,6 +32,13 @@ def check_prediction(prediction: str, process: NoiseProcess) -> None:
             f"prediction={prediction!r} does not fit EDMProcess: the EDM-preconditioned network "
             "predicts the denoised image, so use prediction='x0'."
         )
+    flow = isinstance(process, RectifiedFlowProcess)
+    if flow and prediction != "flow":
+        raise ValueError(f"prediction={prediction!r} does not fit RectifiedFlowProcess: its network predicts the "
+                         "velocity eps - x0, so use prediction='flow'.")
+    if prediction == "flow" and not flow:
+        raise ValueError(f"prediction='flow' (the velocity eps - x0) needs process: RectifiedFlowProcess; "
+                         f"{type(process).__name__} trains 'eps', 'x0' or 'v'.")
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -66,7 +76,7 @@ class Parametrization:
             f = net(x_noisy * _expand(c_in, x_noisy), c_noise, class_labels)
             # Preconditioning in fp32 (outside any autocast dtype), docs/algorithms.md 0.
             return _expand(c_skip, x_noisy) * x_noisy.float() + _expand(c_out, x_noisy) * f.float()
-        return net(x_noisy, level.float(), class_labels).float()
+        return net(x_noisy, self.process.network_level(level), class_labels).float()
 
     def target(self, x0: Tensor, noise: Tensor, level: Tensor) -> Tensor:
         """Standard regression target in prediction space."""
@@ -74,6 +84,8 @@ class Parametrization:
             return x0
         if self.prediction == "eps":
             return noise
+        if self.prediction == "flow":
+            return noise - x0
         a, s = self.process.alpha_sigma(level)
         return _expand(a, x0) * noise - _expand(s, x0) * x0
 
@@ -84,6 +96,8 @@ class Parametrization:
         a, s = self.process.alpha_sigma(level)
         a, s = _expand(a, x0_target), _expand(s, x0_target)
         eps = (x_noisy - a * x0_target) / s
+        if self.prediction == "flow":
+            return eps - x0_target  # = (x_t - x0*) / t on the flow path
         return eps if self.prediction == "eps" else a * eps - s * x0_target
 
     def to_x0(self, output: Tensor, x_noisy: Tensor, level: Tensor) -> Tensor:
@@ -94,15 +108,18 @@ class Parametrization:
         a, s = _expand(a, output), _expand(s, output)
         if self.prediction == "eps":
             return (x_noisy - s * output) / a
+        if self.prediction == "flow":
+            return (x_noisy - s * output) / (a + s)
         return a * x_noisy - s * output
 
     def to_eps(self, output: Tensor, x_noisy: Tensor, level: Tensor) -> Tensor:
-        """Convert a VP model output to the eps estimate (DDIM needs it)."""
+        """Convert a model output to the eps estimate (DDIM needs it)."""
         if self.prediction == "eps":
             return output
         a, s = self.process.alpha_sigma(level)
         a, s = _expand(a, output), _expand(s, output)
         if self.prediction == "x0":
             return (x_noisy - a * output) / s
+        if self.prediction == "flow":
+            return (x_noisy + a * output) / (a + s)
         return s * x_noisy + a * output
-

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["karras_sigmas", "euler", "heun", "ddim", "SOLVERS"]
+__all__ = ["karras_sigmas", "euler", "heun", "ddim", "SOLVERS", "flow_times", "flow_euler", "flow_heun",
+           "FLOW_SOLVERS"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -96,3 +97,43 @@ def ddim(
 
 
 SOLVERS: dict[str, Callable[..., Tensor]] = {"heun": heun, "euler": euler, "ddim": ddim}
+
+
+# ----------------------------------------------------------------------------- rectified flow
+# The flow ODE dx/dt = v(x, t) runs from t = 1 (pure noise) to t = 0 (data), in t itself
+# (docs/algorithms.md 6). ``velocity(x, t) -> v`` takes a batch and a per-sample t [B].
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+
+def flow_times(num_steps: int, shift: float = 1.0) -> Tensor:
+    """Descending float64 grid from 1 to 0 with ``num_steps`` intervals, uniform in t before the shift.
+
+    ``shift`` moves the grid towards noise as SD3's resolution shift does, ``t' = s t / (1 + (s - 1) t)``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be at least 1.")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_euler(velocity: Velocity, x: Tensor, times: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """First-order steps ``x <- x + (t_next - t) v(x, t)`` (equal to deterministic DDIM on this path)."""
+    return flow_heun(velocity, x, times, generator=generator, second_order=False)
+
+
+@torch.no_grad()
+def flow_heun(velocity: Velocity, x: Tensor, times: Tensor, generator: torch.Generator | None = None,
+              second_order: bool = True) -> Tensor:
+    """Heun's method in t: the Euler step corrected by the velocity at its end (skipped at t = 0)."""
+    for i in range(len(times) - 1):
+        t, t_next = times[i], times[i + 1]
+        dt = (t_next - t).to(x.dtype)
+        v = velocity(x, _batch_sigma(t, x))
+        x_next = x + dt * v
+        if second_order and float(t_next) > 0:
+            x_next = x + dt * (v + velocity(x_next, _batch_sigma(t_next, x))) / 2
+        x = x_next
+    return x
+
+
+FLOW_SOLVERS: dict[str, Callable[..., Tensor]] = {"heun": flow_heun, "euler": flow_euler}

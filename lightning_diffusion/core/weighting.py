@@ -7,6 +7,9 @@ an SNR that can be 0 (zero terminal SNR):
 
     eps-space weight = w_x0 / SNR        since x0_hat - x0 = -(s/a) (eps_hat - eps), (s/a)^2 = 1/SNR
     v-space weight   = w_x0 / (SNR + 1)  since x0_hat - x0 = -s (v_hat - v),         s^2 = 1/(SNR+1)
+    flow-space weight = w_x0 t^2 = w_x0 / (1 + sqrt(SNR))^2
+                                         since x0_hat - x0 = -t (u_hat - u) on the flow path,
+                                         t = 1 / (1 + sqrt(SNR))   (docs/algorithms.md 6)
 
 ``ConstantWeighting`` is the exception: weight 1 in whatever space the network predicts (the
 DDPM "simple" loss for eps). SNR and weights are computed in fp32 outside autocast.
@@ -44,8 +47,13 @@ _SNR_FLOOR = 1e-12
 
 
 def _check_prediction(prediction: str) -> None:
-    if prediction not in ("eps", "x0", "v"):
-        raise ValueError(f"prediction={prediction!r} is not supported; use 'eps', 'x0' or 'v'.")
+    if prediction not in ("eps", "x0", "v", "flow"):
+        raise ValueError(f"prediction={prediction!r} is not supported; use 'eps', 'x0', 'v' or 'flow'.")
+
+
+def _flow_factor(snr: Tensor) -> Tensor:
+    """``t^2 = 1 / (1 + sqrt(SNR))^2``: x0-space to flow-space weight (0 where SNR = inf, 1 at SNR = 0)."""
+    return (1.0 + snr.sqrt()).reciprocal().square()
 
 
 def _from_x0(w_x0: Tensor, snr: Tensor, prediction: str) -> Tensor:
@@ -55,13 +63,16 @@ def _from_x0(w_x0: Tensor, snr: Tensor, prediction: str) -> Tensor:
         return w_x0
     if prediction == "eps":
         return w_x0 / snr.clamp_min(_SNR_FLOOR)
+    if prediction == "flow":
+        return w_x0 * _flow_factor(snr)
     return w_x0 / (snr + 1)
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     """Min-SNR-gamma weight (Hang et al. 2023, eq. 10-12): x0-space ``min(SNR, gamma)``.
 
-    eps: ``min(1, gamma / SNR)`` (1 at SNR == 0); v: ``min(SNR, gamma) / (SNR + 1)``.
+    eps: ``min(1, gamma / SNR)`` (1 at SNR == 0); v: ``min(SNR, gamma) / (SNR + 1)``; flow:
+    ``min(SNR, gamma) t^2 = min((1 - t)^2, gamma t^2)`` (docs/algorithms.md 6).
     """
     if not gamma > 0:
         raise ValueError(f"MinSNRWeighting.gamma={gamma} must be > 0.")
@@ -72,6 +83,8 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     if prediction == "eps":
         # min(SNR, g) / SNR == g / max(SNR, g): no division by an SNR that may be 0.
         return gamma / snr.clamp_min(gamma)
+    if prediction == "flow":
+        return snr.clamp_max(gamma) * _flow_factor(snr)
     return snr.clamp_max(gamma) / (snr + 1)
 
 
@@ -226,8 +239,7 @@ class SoftMinSNRWeighting(_SigmaWeighting):
         inv = 1.0 / (ref + sd**2 * snr)  # 1/(sigma^2 + sd^2) = SNR * inv, finite at SNR == 0
         if prediction == "eps":
             return inv  # ref == 1 here: w_x0 / SNR without dividing by SNR
-        w_x0 = snr * inv
-        return w_x0 if prediction == "x0" else w_x0 / (snr + 1)
+        return _from_x0(snr * inv, snr, prediction)
 
 
 class EDMWeighting(_SigmaWeighting):

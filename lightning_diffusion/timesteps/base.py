@@ -131,6 +131,7 @@ class LearnedSampler(TimestepDistribution):
             raise ValueError(f"{type(self).__name__} needs a base density with an inverse CDF (UniformTimesteps, "
                              f"LogNormalSigma, ...); got {type(base).__name__}.")
         self.base, self.discrete = base, base.discrete
+        self.level_kind = getattr(base, "level_kind", None)
         if hasattr(base, "num_timesteps"):
             self.num_timesteps = base.num_timesteps
         self.u_low, self.u_high = base.u_low, base.u_high

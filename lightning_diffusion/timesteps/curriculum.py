@@ -95,8 +95,8 @@ def cluster_bounds(
     """The partition as ``(u_bounds, level_bounds)``, each ``N + 1`` increasing edges.
 
     ``u_bounds`` are base-CDF coordinates (``u_0 = 0``, ``u_N = 1``); ``level_bounds`` are the same
-    edges as timesteps (discrete: integers ``b_k`` with ``u_k = b_k / T`` exactly) or as sigma
-    (continuous: ``base.icdf(u_k)``, ends 0 and inf; descriptive only). ``base`` is the base
+    edges as timesteps (discrete: integers ``b_k`` with ``u_k = b_k / T`` exactly) or as sigma or
+    flow time (continuous: ``base.icdf(u_k)``, ends 0 and inf; descriptive only). ``base`` is the base
     density (an ``InverseCDFDistribution``); sigma processes need it.
     """
     if clustering not in CLUSTERINGS:
@@ -113,7 +113,9 @@ def cluster_bounds(
     if clustering == "quantile":
         u = quantile_bounds(num_clusters)
     else:
-        u = log_snr_sigma_bounds(base.cdf, process.sigma_min, process.sigma_max, num_clusters)
+        # Edges in VE sigma, mapped to the process's level (EDM: sigma; flow: t = sigma / (1 + sigma)).
+        cdf = lambda sigma: base.cdf(process.level_from_sigma(sigma))  # noqa: E731
+        u = log_snr_sigma_bounds(cdf, process.sigma_min, process.sigma_max, num_clusters)
     inner = base.icdf(torch.tensor(u[1:-1], dtype=torch.float64)).double().tolist()
     return u, [0.0, *inner, math.inf]
 

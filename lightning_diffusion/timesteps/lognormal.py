@@ -24,6 +24,7 @@ class LogNormalSigma(InverseCDFDistribution):
     """
 
     discrete = False
+    level_kind = "sigma"
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ class UniformTimesteps(InverseCDFDistribution):
     """
 
     discrete = True
+    level_kind = "timestep"
 
     def __init__(self, num_timesteps: int = 1000) -> None:
         super().__init__()
@@ -45,6 +46,7 @@ class UniformSigma(InverseCDFDistribution):
     """Continuous sigma, uniform in ``ln sigma`` (``log_space=True``) or in sigma, on [sigma_min, sigma_max]."""
 
     discrete = False
+    level_kind = "sigma"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, log_space: bool = True) -> None:
         super().__init__()
