@@ -147,7 +147,7 @@ def test_validation_swaps_in_and_always_back(tmp_path):
     trainer.validate(module, _loader(), verbose=False)
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     fresh = PostHocEMA(validate_with=1)
-    with pytest.raises(RuntimeError, match="no update yet"):
+    with pytest.raises(ValueError, match="no update yet"):
         quiet_trainer(callbacks=[fresh], limit_val_batches=1).validate(_module(), _loader(), verbose=False)
     assert not fresh.ema.swapped
 

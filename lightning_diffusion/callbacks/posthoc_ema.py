@@ -104,12 +104,6 @@ class PostHocEMA(pl.Callback):
             self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
         if stage == "fit" and self.snapshot_every_nimg:
             self._dir(trainer)
-        if stage != "fit" and self.validate_index is not None and trainer.ckpt_path is None \
-                and self._pending is None and self.ema.num_updates == 0:
-            # Before any file is written: evaluating an average that was never taken cannot work.
-            raise ValueError(f"PostHocEMA.validate_with={self.sigma_rels[self.validate_index]}: there is no post-hoc "
-                             f"EMA to {getattr(stage, 'value', stage)} without a checkpoint; give --ckpt_path (a checkpoint of a fit with "
-                             f"PostHocEMA) or set validate_with: null to use the raw weights.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.gate.start(trainer)
