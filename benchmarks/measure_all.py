@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "networks": [PY, "benchmarks/networks.py", "--iters", "5", "--rounds", "3"],
     "quickstart": ["lightning-diffusion", "fit", "--config", "configs/quickstart.yaml",
                    "--trainer.default_root_dir=outputs/measure_quickstart"],
+    "flow": ["lightning-diffusion", "fit", "--config", "configs/flow.yaml",
+             "--trainer.default_root_dir=outputs/measure_flow"],
     "convergence_quick": [PY, "benchmarks/convergence.py", "--quick", "--out", "outputs/convergence_quick"],
     "convergence": [PY, "benchmarks/convergence.py", "--out", "benchmarks/results/convergence"],
 }

@@ -136,11 +136,8 @@ def test_flow_recipe_and_its_errors_from_the_command_line(tmp_path):
     ok = subprocess.run(base, cwd=root, capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert list((tmp_path / "run").rglob("last.ckpt")) and list((tmp_path / "run").rglob("*.png"))
-    for override, words in [
-        ("--model.init_args.offset_noise=-0.5", "offset_noise=-0.5 must be a finite number >= 0"),
-        ("--model.init_args.timesteps.init_args.std=0", "LogitNormalTimesteps.std=0.0 must be > 0"),
-        ("--model.init_args.prediction=v", "use prediction='flow'"),
-    ]:
+    # One of the settings test_flow.py refuses, through the real command line (the others take the same path).
+    for override, words in [("--model.init_args.timesteps.init_args.std=0", "LogitNormalTimesteps.std=0.0 must be > 0")]:
         bad = subprocess.run(base[:-2] + [f"--trainer.default_root_dir={tmp_path / 'bad'}", override], cwd=root,
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2, (override, bad.stderr[-2000:])
