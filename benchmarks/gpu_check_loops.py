@@ -12,6 +12,7 @@ count on every row.
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 import warnings
@@ -21,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from gpu_check_specs import NetSpec, RandomImages
+from hand_step import hand_loss
 from lightning_diffusion import DiffusionLightningModule
 from lightning_diffusion.core.precondition import Parametrization
 from lightning_diffusion.diagnostics import HostSyncCounter, host_side_tensors
@@ -82,6 +84,7 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def reset_peak(device: torch.device) -> None:
+    gc.collect()  # the previous row's trainer, net and optimizer state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -104,7 +107,7 @@ def run_hand(spec: NetSpec, args: argparse.Namespace, backend: str | None) -> Ti
     process, prediction, weighting = spec.objective()
     param, timesteps = Parametrization(process, prediction), default_timesteps(process)
     gen = torch.Generator(device=device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    bf16 = args.precision == "bf16-mixed"
     loader = RandomImages(spec.shape, spec.batch).train_dataloader()
     window = SyncWindow(device, dispatcher=backend is None)
 
@@ -123,18 +126,7 @@ def run_hand(spec: NetSpec, args: argparse.Namespace, backend: str | None) -> Ti
             t1 = time.perf_counter()
             window.open([opt])
         x0, _ = next(it)
-        x0 = x0.to(device, non_blocking=True)
-        with autocast:
-            level, importance = timesteps.sample(x0.shape[0], device, gen)
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-            x_noisy = process.add_noise(x0, noise, level)
-            with torch.no_grad():
-                target = param.target(x0, noise, level)
-            out = param.predict(net, x_noisy, level)
-            mse = (out.float() - target.float()).square().flatten(1).mean(1)
-            with torch.autocast(device.type, enabled=False):
-                weight = weighting(process.snr(level), prediction)
-            loss = (weight * mse * importance).mean()
+        loss = hand_loss(net, param, weighting, timesteps, x0.to(device, non_blocking=True), gen, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

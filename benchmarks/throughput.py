@@ -43,6 +43,7 @@ import warnings
 
 import torch
 
+from hand_step import hand_loss
 from lightning_diffusion.core.noise import VPProcess
 from lightning_diffusion.core.precondition import Parametrization
 from lightning_diffusion.core.weighting import ConstantWeighting
@@ -93,7 +94,6 @@ def run_hand(args: argparse.Namespace) -> tuple[float, float]:
     process, weighting, timesteps = VPProcess(), ConstantWeighting(), UniformTimesteps(1000)
     param = Parametrization(process, "eps")
     gen = torch.Generator(device=device).manual_seed(args.seed)  # seeded once, not per step
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     loader = make_data(args).train_dataloader()
 
     def batches():
@@ -107,17 +107,7 @@ def run_hand(args: argparse.Namespace) -> tuple[float, float]:
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
-        with autocast:
-            level, importance = timesteps.sample(x0.shape[0], device, gen)
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-            x_noisy = process.add_noise(x0, noise, level)
-            with torch.no_grad():
-                target = param.target(x0, noise, level)
-            output = param.predict(net, x_noisy, level)
-            mse = (output.float() - target.float()).square().flatten(1).mean(1)
-            with torch.autocast(device.type, enabled=False):
-                weight = weighting(process.snr(level), "eps")
-            loss = (weight * mse * importance).mean()
+        loss = hand_loss(net, param, weighting, timesteps, x0, gen, args.precision == "bf16-mixed")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
