@@ -23,18 +23,40 @@ __all__ = ["DiffusionSampler", "VEDenoiser", "FlowVelocity", "VP_SIGMA_MAX"]
 VP_SIGMA_MAX = 80.0
 
 
-class VEDenoiser:
-    """``denoiser(x, sigma) -> x0`` for a parametrized network, with classifier-free guidance."""
+class _Guided:
+    """Classifier-free guidance around ``_predict(x, level, labels)``: ``uncond + w (cond - uncond)``.
+
+    One batched call for both halves; without labels or at ``guidance == 1`` the conditional call alone.
+    """
 
     def __init__(self, param: Parametrization, net: nn.Module, labels: Tensor | None,
                  null_label: int, guidance: float) -> None:
         self.param, self.net, self.labels = param, net, labels
         self.null_label, self.guidance = null_label, guidance
+
+    def _predict(self, x: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, level: Tensor) -> Tensor:
+        if self.labels is None or self.guidance == 1.0:
+            return self._predict(x, level, self.labels).to(x.dtype)
+        null = torch.full_like(self.labels, self.null_label)
+        both = self._predict(torch.cat([x, x]), torch.cat([level, level]), torch.cat([self.labels, null]))
+        cond, uncond = both.chunk(2)
+        return (uncond + self.guidance * (cond - uncond)).to(x.dtype)
+
+
+class VEDenoiser(_Guided):
+    """``denoiser(x, sigma) -> x0`` for a parametrized network, with classifier-free guidance."""
+
+    def __init__(self, param: Parametrization, net: nn.Module, labels: Tensor | None,
+                 null_label: int, guidance: float) -> None:
+        super().__init__(param, net, labels, null_label, guidance)
         if isinstance(param.process, VPProcess):
             abar = param.process.alphas_cumprod
             self.log_sigmas = (((1 - abar) / abar).sqrt().log()).float()
 
-    def _x0(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+    def _predict(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         if self.param.edm:
             return self.param.predict(self.net, x, sigma, labels)
         # Nearest discrete timestep in log-sigma; exact on the sampler's grid.
@@ -46,30 +68,12 @@ class VEDenoiser:
         out = self.param.predict(self.net, x_t, t, labels)
         return self.param.to_x0(out, x_t.float(), t)
 
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        if self.labels is None or self.guidance == 1.0:
-            return self._x0(x, sigma, self.labels).to(x.dtype)
-        null = torch.full_like(self.labels, self.null_label)
-        both = self._x0(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.labels, null]))
-        cond, uncond = both.chunk(2)
-        return (uncond + self.guidance * (cond - uncond)).to(x.dtype)
 
-
-class FlowVelocity:
+class FlowVelocity(_Guided):
     """``velocity(x, t) -> v`` of a flow network, with classifier-free guidance on v."""
 
-    def __init__(self, param: Parametrization, net: nn.Module, labels: Tensor | None,
-                 null_label: int, guidance: float) -> None:
-        self.param, self.net, self.labels = param, net, labels
-        self.null_label, self.guidance = null_label, guidance
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.labels is None or self.guidance == 1.0:
-            return self.param.predict(self.net, x, t, self.labels).to(x.dtype)
-        null = torch.full_like(self.labels, self.null_label)
-        both = self.param.predict(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, null]))
-        cond, uncond = both.chunk(2)
-        return (uncond + self.guidance * (cond - uncond)).to(x.dtype)
+    def _predict(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return self.param.predict(self.net, x, t, labels)
 
 
 class DiffusionSampler:

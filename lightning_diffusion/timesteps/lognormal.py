@@ -9,10 +9,20 @@ from torch import Tensor
 
 from .base import InverseCDFDistribution
 
-__all__ = ["LogNormalSigma"]
+__all__ = ["LogNormalSigma", "normal_icdf", "normal_cdf"]
 
 # u is clamped this far from 0 and 1 so the inverse CDF stays finite (|z| <= 7.0).
 _U_EPS = 1e-12
+
+
+def normal_icdf(u: Tensor) -> Tensor:
+    """The standard normal's inverse CDF in float64, ``u`` clamped so that ``|z| <= 7``."""
+    return math.sqrt(2.0) * torch.erfinv(2 * u.double().clamp(_U_EPS, 1 - _U_EPS) - 1)
+
+
+def normal_cdf(z: Tensor) -> Tensor:
+    """The standard normal's CDF, ``Phi(z)``."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
 class LogNormalSigma(InverseCDFDistribution):
@@ -33,9 +43,7 @@ class LogNormalSigma(InverseCDFDistribution):
         self.P_mean, self.P_std = float(P_mean), float(P_std)
 
     def icdf(self, u: Tensor) -> Tensor:
-        z = math.sqrt(2.0) * torch.erfinv(2 * u.double().clamp(_U_EPS, 1 - _U_EPS) - 1)
-        return torch.exp(self.P_mean + self.P_std * z).float()
+        return torch.exp(self.P_mean + self.P_std * normal_icdf(u)).float()
 
     def cdf(self, level: Tensor) -> Tensor:
-        z = (level.double().log() - self.P_mean) / self.P_std
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+        return normal_cdf((level.double().log() - self.P_mean) / self.P_std)
