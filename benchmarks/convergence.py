@@ -31,6 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from convergence_report import write_report  # noqa: E402
+from mixture_report import write_report as write_mixture_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ ARMS: dict[str, Arm] = {
 }
 
 FIELDS = ["arm", "seed", "step", "images", "train_seconds", "val_loss", "val_mse_x0", "val_fd"]
+# The mixture study's columns: the exact scores of GaussianMixtureMetrics (NaN where not computed).
+MIXTURE_LEVELS = 8
+MIXTURE_SEEDS, MIXTURE_STEPS = 4, 600
+MIXTURE_FIELDS = (FIELDS[:-1] + ["val_excess_pct", "val_excess", "val_fd_exact", "val_class_accuracy", "val_nll_gap"]
+                  + [f"val_excess_pct_level{i}" for i in range(MIXTURE_LEVELS)])
 
 
 def available_arms() -> list[str]:
@@ -76,7 +82,9 @@ def cli_args(arm: Arm, seed: int, args: argparse.Namespace, run_dir: Path) -> li
         f"--trainer.callbacks.every_n_validations={10**6}",
         f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
         f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.eval_every}",
-        f"--trainer.default_root_dir={run_dir}", f"--model.init_args.fd_samples={args.fd_samples}",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--model.init_args.fd_samples={0 if args.data == 'mixture' else args.fd_samples}",
+        *mixture_args(args),
         f"--data.init_args.batch_size={args.batch_size}",
         f"--model.init_args.net.init_args.model_channels={args.model_channels}",
         f"--trainer.accelerator={args.accelerator}", "--trainer.logger=CSVLogger",
@@ -85,7 +93,20 @@ def cli_args(arm: Arm, seed: int, args: argparse.Namespace, run_dir: Path) -> li
     return out + list(args.extra)
 
 
-def read_curve(log_dir: Path, arm: str, seed: int, batch_size: int) -> list[dict]:
+def mixture_args(args: argparse.Namespace) -> list[str]:
+    """The Gaussian-mixture data and its exact scores (docs/algorithms.md 7); nothing for the digits study."""
+    if args.data != "mixture":
+        return []
+    return ["--data=lightning_diffusion.data.GaussianMixtureDataModule",
+            "--trainer.callbacks+=lightning_diffusion.callbacks.GaussianMixtureMetrics",
+            f"--trainer.callbacks.num_levels={MIXTURE_LEVELS}", f"--trainer.callbacks.eval_size={args.eval_size}",
+            f"--trainer.callbacks.num_samples={args.fd_samples}",
+            f"--trainer.callbacks.sample_every_n_validations={args.sample_every}"]
+
+
+def read_curve(log_dir: Path, arm: str, seed: int, data: str) -> list[dict]:
+    if data == "mixture":
+        return read_mixture_curve(log_dir, arm, seed)
     rows = []
     with open(log_dir / "metrics.csv") as f:
         for r in csv.DictReader(f):
@@ -98,6 +119,20 @@ def read_curve(log_dir: Path, arm: str, seed: int, batch_size: int) -> list[dict
     return rows
 
 
+def read_mixture_curve(log_dir: Path, arm: str, seed: int) -> list[dict]:
+    rows = []
+    with open(log_dir / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            if r.get("val/excess_pct"):
+                row = {"arm": arm, "seed": seed, "step": int(float(r["time/global_step"])),
+                       "images": int(float(r["time/images_seen"]))}
+                for field in MIXTURE_FIELDS[4:]:
+                    key = {"train_seconds": "time/train_seconds"}.get(field, field.replace("val_", "val/", 1))
+                    row[field] = float(r.get(key) or "nan")
+                rows.append(row)
+    return rows
+
+
 def run(arm_name: str, seed: int, args: argparse.Namespace) -> list[dict]:
     from lightning_diffusion.callbacks import PostHocEMA
     from lightning_diffusion.cli import DiffusionCLI
@@ -105,10 +140,12 @@ def run(arm_name: str, seed: int, args: argparse.Namespace) -> list[dict]:
     run_dir = Path(args.out) / "runs" / f"{arm_name}-seed{seed}"
     start = time.perf_counter()
     cli = DiffusionCLI(args=cli_args(ARMS[arm_name], seed, args, run_dir))
-    rows = read_curve(Path(cli.trainer.log_dir), arm_name, seed, args.batch_size)
+    rows = read_curve(Path(cli.trainer.log_dir), arm_name, seed, args.data)
     if args.sweep and any(isinstance(c, PostHocEMA) for c in cli.trainer.callbacks):
         rows.append(best_reconstruction(cli, arm_name, seed, args, rows[-1]))
-    print(f"{arm_name} seed {seed}: final FD {rows[-1]['val_fd']:.2f}, val loss {rows[-1]['val_loss']:.4f} "
+    score = (f"excess {rows[-1]['val_excess_pct']:.1f}% above Bayes" if args.data == "mixture"
+             else f"final FD {rows[-1]['val_fd']:.2f}")
+    print(f"{arm_name} seed {seed}: {score}, val loss {rows[-1]['val_loss']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return rows
 
@@ -128,32 +165,49 @@ def best_reconstruction(cli, arm_name: str, seed: int, args: argparse.Namespace,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, 16-channel UNet, 128 FD samples")
+    p.add_argument("--data", choices=["mixture", "digits"], default="mixture",
+                   help="mixture: the exact Gaussian-mixture benchmark (default); digits: the FD study on the digits")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, fewer steps, 16-channel UNet")
     p.add_argument("--gpu", action="store_true", help="CUDA: 64-channel UNet, batch 256")
     p.add_argument("--arms", nargs="+", default=None, help=f"default: every available arm of {list(ARMS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--fd-samples", type=int, default=None)
+    p.add_argument("--fd-samples", type=int, default=None,
+                   help="generated samples per FD (digits) or per sample score (mixture: exact FD, class accuracy)")
+    p.add_argument("--eval-size", type=int, default=None, help="mixture: fixed images per noise level")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="mixture: sample scores every this many validations (the last one always included)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--model-channels", type=int, default=None)
     p.add_argument("--sweep", type=float, nargs="*", default=None,
                    help="sigma_rels rebuilt at the end of the post-hoc EMA arm (default: 0.05 0.08 0.12 0.16; none in --quick)")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "convergence"))
+    p.add_argument("--out", default=None, help="default: outputs/convergence/<data>")
     p.add_argument("extra", nargs="*", help="more CLI overrides for every run, after --")
     args = p.parse_args(argv)
-    quick = args.quick
-    defaults = dict(seeds=[0] if quick else [0, 1, 2], steps=300 if quick else 1000,
-                    fd_samples=128 if quick else 256, batch_size=64,
-                    model_channels=64 if args.gpu else (16 if quick else 32),
-                    sweep=[] if quick else [0.05, 0.08, 0.12, 0.16])
+    quick, mixture = args.quick, args.data == "mixture"
+    if mixture:  # sized from measured spreads (docs/algorithms.md 7.3)
+        defaults = dict(seeds=[0] if quick else list(range(MIXTURE_SEEDS)), steps=150 if quick else MIXTURE_STEPS,
+                        fd_samples=500 if quick else 1000, eval_size=256 if quick else 1024, batch_size=64,
+                        model_channels=64 if args.gpu else (16 if quick else 32), sweep=[])
+    else:
+        defaults = dict(seeds=[0] if quick else [0, 1, 2], steps=300 if quick else 1000,
+                        fd_samples=128 if quick else 256, batch_size=64, eval_size=0,
+                        model_channels=64 if args.gpu else (16 if quick else 32),
+                        sweep=[] if quick else [0.05, 0.08, 0.12, 0.16])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.gpu:
         args.batch_size = max(args.batch_size, 256)
     args.eval_every = args.eval_every or max(1, args.steps // (6 if quick else 10))
+    evaluations = max(1, args.steps // args.eval_every)
+    args.sample_every = args.sample_every or evaluations  # the last validation gets sample scores
+    if evaluations % args.sample_every:
+        p.error(f"--sample-every: {args.sample_every} does not divide the {evaluations} validations, so the last "
+                "would have no sample scores; give a divisor.")
     args.accelerator = "gpu" if args.gpu else "cpu"
+    args.out = args.out or str(ROOT / "outputs" / "convergence" / args.data)
     available = available_arms()
     args.arms = args.arms or available
     unknown = [a for a in args.arms if a not in available]
@@ -175,13 +229,24 @@ def main(argv: list[str] | None = None) -> Path:
         for seed in args.seeds:
             rows += run(arm, seed, args)
     with open(out / "curves.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=MIXTURE_FIELDS if args.data == "mixture" else FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     minutes = (time.perf_counter() - started) / 60
-    setup = (f"{len(args.seeds)} seed(s), {args.steps} steps, batch {args.batch_size}, UNet {args.model_channels} "
-             f"channels, FD on {args.fd_samples} samples every {args.eval_every} steps; {minutes:.1f} min total")
-    write_report(out, {a: ARMS[a] for a in needed}, setup)
+    arms = {a: ARMS[a] for a in needed}
+    if args.data == "mixture":
+        from lightning_diffusion.metrics.mixture import sigma_grid
+
+        setup = (f"Gaussian mixture fitted to the digits; {len(args.seeds)} seed(s), {args.steps} steps, batch "
+                 f"{args.batch_size}, UNet {args.model_channels} channels; excess error on {args.eval_size} fixed "
+                 f"images x {MIXTURE_LEVELS} levels every {args.eval_every} steps, sample scores on "
+                 f"{args.fd_samples} samples at the end; {minutes:.1f} min total")
+        write_mixture_report(out, arms, setup, sigma_grid(MIXTURE_LEVELS, 0.05, 20.0).tolist())
+    else:
+        setup = (f"{len(args.seeds)} seed(s), {args.steps} steps, batch {args.batch_size}, UNet "
+                 f"{args.model_channels} channels, FD on {args.fd_samples} samples every {args.eval_every} steps; "
+                 f"{minutes:.1f} min total")
+        write_report(out, arms, setup)
     print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'curves.csv'}, {out / 'convergence.png'}")
     return out
 

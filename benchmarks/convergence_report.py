@@ -35,14 +35,14 @@ def load_curves(path: str | Path) -> dict[str, dict[int, list[dict]]]:
     return curves
 
 
-def crossing(rows: list[dict], target: float, key: str) -> float | None:
-    """``key`` (step or train_seconds) where the FD first reaches ``target``, interpolated."""
+def crossing(rows: list[dict], target: float, key: str, metric: str = "val_fd") -> float | None:
+    """``key`` (step or train_seconds) where ``metric`` (lower is better) first reaches ``target``, interpolated."""
     prev = None
     for r in rows:
-        if r["val_fd"] <= target:
-            if prev is None or prev["val_fd"] == r["val_fd"]:
+        if r[metric] <= target:
+            if prev is None or prev[metric] == r[metric]:
                 return r[key]
-            frac = (prev["val_fd"] - target) / (prev["val_fd"] - r["val_fd"])
+            frac = (prev[metric] - target) / (prev[metric] - r[metric])
             return prev[key] + frac * (r[key] - prev[key])
         prev = r
     return None
@@ -57,10 +57,10 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def smoothed(rows: list[dict], window: int) -> list[dict]:
-    """The rows with ``val_fd`` replaced by its trailing mean over ``window`` evaluations."""
-    fds = [r["val_fd"] for r in rows]
-    return [{**r, "val_fd": statistics.fmean(fds[max(0, i + 1 - window): i + 1])} for i, r in enumerate(rows)]
+def smoothed(rows: list[dict], window: int, metric: str = "val_fd") -> list[dict]:
+    """The rows with ``metric`` replaced by its trailing mean over ``window`` evaluations."""
+    values = [r[metric] for r in rows]
+    return [{**r, metric: statistics.fmean(values[max(0, i + 1 - window): i + 1])} for i, r in enumerate(rows)]
 
 
 def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str],

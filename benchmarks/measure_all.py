@@ -41,7 +41,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "flow": ["lightning-diffusion", "fit", "--config", "configs/flow.yaml",
              "--trainer.default_root_dir=outputs/measure_flow"],
     "convergence_quick": [PY, "benchmarks/convergence.py", "--quick", "--out", "outputs/convergence_quick"],
-    "convergence": [PY, "benchmarks/convergence.py", "--out", "benchmarks/results/convergence"],
+    "convergence_mixture": [PY, "benchmarks/convergence.py", "--out", "benchmarks/results/convergence_mixture"],
+    "convergence": [PY, "benchmarks/convergence.py", "--data", "digits", "--out", "benchmarks/results/convergence"],
 }
 
 

@@ -415,8 +415,9 @@ class DiffusionLightningModule(pl.LightningModule):
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         shape: tuple[int, ...] | None = None,
+        clamp: bool = True,
     ) -> Tensor:
-        """Generate ``num_samples`` images in [-1, 1] (clamped) with the chosen solver."""
+        """Generate ``num_samples`` images with the chosen solver, clamped to [-1, 1] unless ``clamp=False``."""
         shape = shape or self.image_shape
         if shape is None:
             raise ValueError("sample needs shape=(C, H, W): this module has not seen a batch yet.")
@@ -429,7 +430,7 @@ class DiffusionLightningModule(pl.LightningModule):
                                     self.num_classes, num_steps, solver, guidance, generator)
         finally:
             self.train(was_training)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clamp else x
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0, labels = self.unpack(batch)

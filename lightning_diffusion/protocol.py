@@ -15,7 +15,10 @@ parameters             nothing beyond ``nn.Module`` (``PostHocEMA(module="net")`
 ``training_step``      returns a :class:`StepOutput` (:func:`step_output` builds it)   samplers, curriculum
 ``lookahead_loss``     ``lookahead_loss(x0, noise, level, labels) -> [B]``: the        AdaptiveTimestepSampling
                        per-sample training loss at given levels and noise (no grad)
-``denoise``            ``denoise(x_noisy, level, labels) -> x0_hat`` (the VLB reward)  AdaptiveTimestepSampling
+``denoise``            ``denoise(x_noisy, level, labels) -> x0_hat`` (the VLB reward)  AdaptiveTimestepSampling,
+                                                                                       GaussianMixtureMetrics
+``sample``             ``sample(n, class_labels=y, generator=g, clamp=False)``         GaussianMixtureMetrics
+                       ``-> [n, C, H, W]`` generated data, unclamped                  (``num_samples > 0``)
 =====================  ============================================================  ==========================
 
 Half-right integrations are errors, not silent no-ops: the samplers compare the levels a module
@@ -65,6 +68,8 @@ HOW_TO = {
     "lookahead_loss": "a method lookahead_loss(x0, noise, level, labels) returning the per-sample training loss "
                       "[B] at the given levels and noise",
     "denoise": "a method denoise(x_noisy, level, labels) returning the predicted clean data x0_hat",
+    "sample": "a method sample(num_samples, class_labels=None, generator=None, clamp=False) returning generated "
+              "data [n, C, H, W]",
 }
 OUTPUT_HOW_TO = "training_step must return a dict with {keys} (lightning_diffusion.protocol.step_output builds it)"
 
@@ -73,7 +78,7 @@ def require(pl_module: Any, owner: str, *parts: str) -> None:
     """Raise one sentence naming the first of ``parts`` the module lacks and how to add it."""
     for part in parts:
         value = getattr(pl_module, part, None)
-        if value is None or (part in ("lookahead_loss", "denoise") and not callable(value)):
+        if value is None or (part in ("lookahead_loss", "denoise", "sample") and not callable(value)):
             raise ValueError(f"{owner} needs the module's `{part}`: give {type(pl_module).__name__} "
                              f"{HOW_TO[part]} (see docs/callbacks.md).")
 
