@@ -60,7 +60,7 @@ ARMS: dict[str, Arm] = {
 FIELDS = ["arm", "seed", "step", "images", "train_seconds", "val_loss", "val_mse_x0", "val_fd"]
 # The mixture study's columns: the exact scores of GaussianMixtureMetrics (NaN where not computed).
 MIXTURE_LEVELS = 8
-MIXTURE_SEEDS, MIXTURE_STEPS = 4, 600
+MIXTURE_SEEDS, MIXTURE_STEPS = 5, 600
 MIXTURE_FIELDS = (FIELDS[:-1] + ["val_excess_pct", "val_excess", "val_fd_exact", "val_class_accuracy", "val_nll_gap"]
                   + [f"val_excess_pct_level{i}" for i in range(MIXTURE_LEVELS)])
 
