@@ -5,16 +5,18 @@ error, as the geometric mean over 8 fixed noise levels (docs/algorithms.md 7.2).
 reference sample), but the model itself fluctuates between evaluations (Adam at a constant
 learning rate), so curves are smoothed by a trailing mean over ``window`` evaluations first.
 
-Speed-up, paired by seed: the target is the baseline's final smoothed value (mean over seeds); for
-each seed, the steps (and training seconds) at which the baseline run and the arm's run first
-reach it (interpolated), and their ratio. Same seed means same initialization and data order, so
-the pairing removes much of the seed-to-seed spread. Reported as the mean ratio with a 95%
-Student-t interval over seeds; a seed whose run never reaches the target is counted apart.
+Speed-up: on the curves averaged over seeds, the steps (and training seconds) the baseline needs to
+reach its own final value, divided by the arm's (first crossing, interpolated between
+evaluations). Its 95% interval is a bootstrap over seeds: seeds are resampled with replacement,
+the same ones for the arm and its baseline (a seed fixes initialization, data order and noise in
+both), and the ratio recomputed. An arm that never reaches the target within the budget is
+reported as "< bound"; the fraction of resamples in which it does not is given when above 2.5%.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -48,44 +50,84 @@ def level_columns(curves: dict) -> list[str]:
     return sorted((k for k in first if k.startswith(f"{METRIC}_level")), key=lambda k: int(k.rsplit("level", 1)[1]))
 
 
-def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str], window: int = 3) -> list[dict]:
-    """One row per arm: final scores over seeds, paired speed-ups in steps and wall-clock with 95% intervals."""
-    smooth = {arm: {seed: smoothed(rows, window, METRIC) for seed, rows in runs.items()} for arm, runs in curves.items()}
+def mean_curve(runs: dict[int, list[dict]], seeds: list[int], window: int) -> list[dict]:
+    """The smoothed metric and the training seconds averaged over ``seeds`` (repeats allowed) at each evaluation."""
+    smooth = [smoothed(runs[s], window, METRIC) for s in seeds]
+    length = min(len(rows) for rows in smooth)
+    return [{"step": smooth[0][i]["step"], METRIC: statistics.fmean(rows[i][METRIC] for rows in smooth),
+             "train_seconds": statistics.fmean(rows[i]["train_seconds"] for rows in smooth)} for i in range(length)]
+
+
+def speedup(base: list[dict], arm: list[dict], key: str) -> tuple[float, bool, bool]:
+    """(baseline's ``key`` to its own final value / the arm's, reached?, reached at the first evaluation?).
+
+    An arm that never reaches the target within its budget gets the bound ``base / last`` (its
+    speed-up is below that); one already there at the first evaluation, ``base / first`` (its
+    speed-up is at least that: evaluations are not finer).
+    """
+    target = base[-1][METRIC]
+    b = crossing(base, target, key, METRIC)
+    a = crossing(arm, target, key, METRIC)
+    if a is None:
+        return b / arm[-1][key], False, False
+    return b / max(a, 1e-9), True, arm[0][METRIC] <= target
+
+
+def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str], window: int = 3,
+              resamples: int = 2000) -> list[dict]:
+    """One row per arm: final scores over seeds; speed-ups on the seed-mean curves with bootstrap 95% intervals.
+
+    The bootstrap resamples seeds with replacement, the same seeds for the arm and its baseline
+    (a seed fixes initialization, data order and noise in both), ``resamples`` times, seeded.
+    """
+    rng = random.Random(0)
     out = []
-    for arm, runs in smooth.items():
+    for arm, runs in curves.items():
         base_name = baselines.get(arm, "baseline")
-        base_runs = smooth.get(base_name, runs)
-        target = statistics.fmean(rows[-1][METRIC] for rows in base_runs.values())
-        last = {seed: curves[arm][seed][-1] for seed in runs}
-        row: dict[str, Any] = {"arm": arm, "baseline": base_name, "target": target,
-                               "final": [rows[-1][METRIC] for rows in runs.values()]}
+        base_runs = curves.get(base_name, runs)
+        seeds = sorted(set(runs) & set(base_runs))
+        last = {seed: runs[seed][-1] for seed in runs}
+        row: dict[str, Any] = {"arm": arm, "baseline": base_name,
+                               "final": [smoothed(rows, window, METRIC)[-1][METRIC] for rows in runs.values()]}
         for key in ("val_fd_exact", "val_class_accuracy", "val_nll_gap"):
             row[key] = [r[key] for r in last.values() if not math.isnan(r[key])]
         for key in ("step", "train_seconds"):
-            ratios, missed = [], 0
-            for seed, rows in runs.items():
-                base, mine = crossing(base_runs.get(seed, []), target, key, METRIC), crossing(rows, target, key, METRIC)
-                if base is None or mine is None or mine <= 0:
-                    missed += 1
-                else:
-                    ratios.append(base / mine)
-            row[f"speedup_{key}"] = ratios
-            row["missed"] = missed
-        base_steps = [crossing(rows, target, "step", METRIC) for rows in base_runs.values()]
-        base_steps = [s for s in base_steps if s is not None]
-        row["baseline_steps_cv"] = (statistics.stdev(base_steps) / statistics.fmean(base_steps)
-                                    if len(base_steps) > 1 else math.nan)
+            point, reached, first = speedup(mean_curve(base_runs, seeds, window), mean_curve(runs, seeds, window), key)
+            draws = []
+            for _ in range(resamples if len(seeds) > 1 else 0):
+                pick = [rng.choice(seeds) for _ in seeds]
+                draws.append(speedup(mean_curve(base_runs, pick, window), mean_curve(runs, pick, window), key))
+            values = sorted(d[0] for d in draws)
+            row[f"speedup_{key}"] = {
+                "point": point, "reached": reached, "at_first": first,
+                "low": values[int(0.025 * len(values))] if values else math.nan,
+                "high": values[int(0.975 * len(values)) - 1] if values else math.nan,
+                "not_reached": sum(not d[1] for d in draws) / len(draws) if draws else float(not reached)}
+        finals = [smoothed(rows, window, METRIC)[-1][METRIC] for rows in base_runs.values()]
+        row["baseline_final_cv"] = statistics.stdev(finals) / statistics.fmean(finals) if len(finals) > 1 else math.nan
         out.append(row)
     return out
 
 
+def _speedup_text(s: dict) -> str:
+    if not s["reached"]:
+        return f"< {s['point']:.2f} (not reached)"
+    if s["at_first"]:
+        return f"≥ {s['point']:.2f} (reached at the first evaluation)"
+    text = f"{s['point']:.2f}"
+    if not math.isnan(s["low"]):
+        text += f" [{s['low']:.2f}, {s['high']:.2f}]"
+    if s["not_reached"] > 0.025:
+        text += f" ({100 * s['not_reached']:.0f}% of resamples not reached)"
+    return text
+
+
 def markdown_table(summary: list[dict], descriptions: dict[str, str]) -> str:
-    lines = ["| arm | what | % above Bayes (final) | speed-up, steps (95% CI) | speed-up, wall-clock | "
+    lines = ["| arm | what | % above Bayes (final, mean ± 95%) | speed-up, steps [95% CI] | speed-up, wall-clock | "
              "exact FD | class accuracy | NLL gap (nats/px) |", "|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        missed = f" ({r['missed']} seed(s) not reached)" if r["missed"] else ""
         lines.append(f"| {r['arm']} | {descriptions.get(r['arm'], '')} (vs {r['baseline']}) | {_ci(r['final'], 1)} "
-                     f"| {_ci(r['speedup_step'])}{missed} | {_ci(r['speedup_train_seconds'])} "
+                     f"| {_speedup_text(r['speedup_step'])} | {_speedup_text(r['speedup_train_seconds'])} "
                      f"| {_ci(r['val_fd_exact'], 3)} | {_ci(r['val_class_accuracy'], 3)} | {_ci(r['val_nll_gap'], 3)} |")
     return "\n".join(lines)
 
@@ -102,13 +144,16 @@ def level_table(curves: dict[str, dict[int, list[dict]]], sigmas: list[float], w
 
 
 def resolution(summary: list[dict]) -> str:
-    """What the study can resolve: the seed spread of the baseline's steps-to-target, the widest paired CI."""
+    """What the study can resolve: the baseline's seed spread and the typical width of a speed-up interval."""
     base = next((r for r in summary if r["arm"] == r["baseline"]), summary[0])
-    halves = [interval(r["speedup_step"])[1] for r in summary if r["arm"] != r["baseline"] and len(r["speedup_step"]) > 1]
-    typical = statistics.median(halves) if halves else math.nan
-    return (f"Seed-to-seed spread of the baseline's steps to its own final value: {100 * base['baseline_steps_cv']:.0f}% "
-            f"(coefficient of variation). Paired speed-up 95% intervals: median half-width ±{typical:.2f} "
-            f"(a speed-up is resolved when its interval excludes 1.00).")
+    widths = [(r["speedup_step"]["high"] - r["speedup_step"]["low"]) / 2 / r["speedup_step"]["point"]
+              for r in summary if r["arm"] != r["baseline"] and r["speedup_step"]["reached"]
+              and not r["speedup_step"]["at_first"] and not math.isnan(r["speedup_step"]["low"])]
+    typical = statistics.median(widths) if widths else math.nan
+    return (f"Seed-to-seed spread of the baseline's final value: {100 * base['baseline_final_cv']:.0f}% "
+            f"(coefficient of variation over seeds). Speed-up intervals (bootstrap over seeds, 95%): median "
+            f"half-width ±{100 * typical:.0f}% of the speed-up; a speed-up is resolved when its interval "
+            "excludes 1.00.")
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], sigmas: list[float], path: str | Path, window: int = 3) -> None:

@@ -30,6 +30,8 @@ class GaussianMixtureMetrics(pl.Callback):
     the mixture's exact mean and covariance), ``val/class_accuracy`` and ``val/nll_gap``. ``floors``
     holds what true mixture samples of the same number score (the metric's own noise floor).
 
+    ``conditional``: denoise and sample with the class labels and score against ``p(x0 | c)`` (default:
+    when the module has ``num_classes > 0``); otherwise against the whole mixture.
     The mixture defaults to the DataModule's ``mixture`` (:class:`~lightning_diffusion.data.
     GaussianMixtureDataModule`). The module needs ``process`` and ``denoise`` (and ``sample`` when
     ``num_samples > 0``), see docs/callbacks.md. Work is split over ranks and summed, so every rank

@@ -168,6 +168,8 @@ class GaussianMixture:
                   class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(D*(x_t) float64 [n, D], E[||x0 - D*||^2 | x_t] float64 [n])`` for ``x_t = a x0 + s eps``.
 
+        docs/algorithms.md 7.2, equations (7.2) and (7.3).
+
         Per component: ``E[x0 | x_t, k] = mu_k + V_k diag(a lam / (a^2 lam + s^2)) V_k^T (x_t - a mu_k)``
         with posterior variances ``lam s^2 / (a^2 lam + s^2)``; responsibilities ``r_k`` from the log joint.
         The second output (the Bayes error at this ``x_t``) is ``sum_k r_k (tr_k + ||m_k - D*||^2)``.

@@ -91,6 +91,8 @@ class DenoisingEvaluation:
 def excess_percent(excess: Tensor, bayes: Tensor) -> Tensor:
     """``100 (exp(mean_l log(1 + excess_l / bayes_l)) - 1)``: geometric mean over levels of error / Bayes error.
 
+    docs/algorithms.md 7.2, equation (7.5).
+
     The plain sum over levels is dominated by the noisiest level (the Bayes error grows ~40x over
     the grid, and an eps-model's x0 error at high noise is many times the Bayes error); the geometric
     mean of per-level ratios weighs every level alike.
@@ -100,7 +102,7 @@ def excess_percent(excess: Tensor, bayes: Tensor) -> Tensor:
 
 
 def exact_fd(samples: Tensor, mixture: GaussianMixture) -> Tensor:
-    """Frechet distance of samples' mean/covariance to the mixture's exact ``(m, C)`` (no reference sample)."""
+    """Frechet distance of samples' mean/covariance to the mixture's exact ``(m, C)`` (docs/algorithms.md 7.2, (7.6))."""
     x = samples.detach().cpu().double().reshape(samples.shape[0], -1)
     mu, cov = x.mean(0), torch.cov(x.T)
     m, c = mixture.mean, mixture.covariance
