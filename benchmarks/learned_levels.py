@@ -4,7 +4,7 @@
     python benchmarks/learned_levels.py --study outputs/convergence/mixture --arms loss_aware adaptive
 
 For each run of the given arms in the mixture study (``<study>/runs/<arm>-seed<k>``) the final
-checkpoint is restored through the real command line (``validate --ckpt_path``: the sampler's state
+checkpoint is restored with its config through the CLI and ``Trainer.validate(ckpt_path=...)`` (the sampler's state
 comes back with its callback), 20,000 noise levels are drawn from the module's learned ``timesteps``
 (the adaptive sampler on a batch of validation images), converted to VE ``sigma = s/a`` and
 histogrammed in log sigma. ``learned_levels.csv`` holds the densities per arm and seed and
@@ -36,11 +36,16 @@ def draw_levels(run_dir: Path, draws: int) -> torch.Tensor:
     from lightning_diffusion.cli import DiffusionCLI
 
     log_dir = run_dir / "lightning_logs" / "version_0"
-    cli = DiffusionCLI(args=["validate", "--config", str(log_dir / "config.yaml"),
-                             "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
-                             "--trainer.logger=false", "--trainer.limit_val_batches=1",
-                             "--trainer.enable_progress_bar=false"])
+    import yaml
+
+    config = yaml.safe_load((log_dir / "config.yaml").read_text())
+    for key in ("ckpt_path", "weights_only"):  # a fit's keys; without a subcommand the parser has none
+        config.pop(key, None)
+    config["trainer"].update(logger=False, limit_val_batches=1, enable_progress_bar=False,
+                             enable_model_summary=False)
+    cli = DiffusionCLI(args=config, run=False)
     module, data = cli.model, cli.datamodule
+    cli.trainer.validate(module, datamodule=data, ckpt_path=str(log_dir / "checkpoints" / "last.ckpt"), verbose=False)
     images, labels = data.val_dataset.images, data.val_dataset.labels
     index = torch.arange(draws) % images.shape[0]
     generator = torch.Generator().manual_seed(0)
