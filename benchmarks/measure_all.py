@@ -67,6 +67,24 @@ def settle(max_load: float, limit: float) -> float:
     return os.getloadavg()[0]
 
 
+def write_conditions(path: Path, machine: str, rows: list[str]) -> str:
+    """Merge this sitting's rows into ``path``: a re-measured benchmark's row is replaced, the others kept."""
+    kept = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("| ") and cells[0] in BENCHMARKS:
+                kept[cells[0]] = line
+    for row in rows:
+        kept[row.split("|")[1].strip()] = row
+    table = ("| benchmark | command | started | wall time | load before | load after | result |\n"
+             "|---|---|---|---|---|---|---|\n" + "\n".join(kept[n] for n in BENCHMARKS if n in kept))
+    path.write_text(f"Machine: {machine}.\nEach benchmark ran alone (no other job; the runner waited for the "
+                    "1-minute load average to fall below 0.5 before each); rows of different sittings keep "
+                    f"their own date.\n\n{table}\n")
+    return table
+
+
 def torch_threads() -> str:
     out = subprocess.run([PY, "-c", "import torch; print(torch.get_num_threads(), torch.__version__)"],
                          capture_output=True, text=True)
@@ -107,13 +125,11 @@ def main() -> int:
                                                                   if proc.returncode else ""))
         if proc.returncode:
             failed.append(name)
-        rows.append(f"| {name} | {stamp} | {seconds / 60:.1f} min | {load_before:.2f} | {load_after:.2f} | "
+        rows.append(f"| {name} | `{' '.join(BENCHMARKS[name]).replace(PY, 'python')}` | {stamp} | "
+                    f"{seconds / 60:.1f} min | {load_before:.2f} | {load_after:.2f} | "
                     f"{'ok' if proc.returncode == 0 else f'failed ({proc.returncode})'} |")
         print(f"    {seconds:.0f} s, exit {proc.returncode}", flush=True)
-    table = ("| benchmark | started | wall time | load before | load after | result |\n"
-             "|---|---|---|---|---|---|\n" + "\n".join(rows))
-    (out / "conditions.md").write_text(f"Machine: {machine}.\nEach benchmark ran alone (no other job); "
-                                       f"load is the 1-minute load average.\n\n{table}\n")
+    table = write_conditions(out / "conditions.md", machine, rows)
     print(f"\n{table}\nwrote {out}")
     if failed:
         print(f"failed: {', '.join(failed)} (see their logs)", file=sys.stderr)

@@ -44,8 +44,16 @@ class Oracle(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _validate(module, callback, data=None):
-    trainer = quiet_trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, callbacks=[callback])
+class Wobbly(Oracle):
+    """An error that differs from sample to sample, so each rank's share scores differently."""
+
+    def denoise(self, x_noisy, level, labels):
+        return super().denoise(x_noisy, level, labels) + 0.1 * x_noisy.tanh()
+
+
+def _validate(module, callback, data=None, **trainer_kwargs):
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, callbacks=[callback],
+                            **trainer_kwargs)
     trainer.fit(module, data or GaussianMixtureDataModule(batch_size=16, train_size=64, val_size=16))
     return {k: v.item() for k, v in trainer.callback_metrics.items()}
 
@@ -71,6 +79,17 @@ def test_the_exact_denoiser_scores_zero_and_an_offset_scores_its_square(process)
     geometric = 100 * ((1 + 0.01 / bayes).log().mean().exp() - 1)
     assert off["val/excess_pct"] == pytest.approx(geometric.item(), rel=1e-4)
     assert "val/fd_exact" not in off  # no samples asked for
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_split_the_work_and_log_the_single_process_numbers():
+    mixture = GaussianMixture.digits()
+    one = _validate(Wobbly(mixture, EDMProcess()), GaussianMixtureMetrics(eval_size=130, num_samples=200))
+    two = _validate(Wobbly(mixture, EDMProcess()), GaussianMixtureMetrics(eval_size=130, num_samples=200),
+                    devices=2, strategy="ddp_spawn")  # 130 images: 65 per rank, summed
+    assert one.keys() == two.keys() and "val/fd_exact" in one
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_a_trained_model_approaches_the_bayes_error():

@@ -106,7 +106,8 @@ class GaussianMixtureMetrics(pl.Callback):
         if self.num_samples and self._validations % self.every == 0:
             metrics.update(self._sample_scores(trainer, pl_module))
         for key, value in metrics.items():
-            pl_module.log(f"val/{key}", value.float(), sync_dist=False)
+            # identical on every rank already; sync_dist only averages equal values (and keeps Lightning quiet)
+            pl_module.log(f"val/{key}", value.float().to(pl_module.device), sync_dist=True)
 
     def _sample_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """Generate on rank 0's seed on every rank (identical), score on the CPU: same numbers everywhere."""
