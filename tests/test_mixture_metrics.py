@@ -118,6 +118,11 @@ def test_refusals_name_the_setting():
     module = DiffusionLightningModule(tiny_unet(), process=EDMProcess(), prediction="x0")
     with pytest.raises(ValueError, match="GaussianMixtureDataModule"):
         _validate(module, GaussianMixtureMetrics(), DigitsDataModule(batch_size=16))
+    class NoValidation(Oracle):
+        validation_step = pl.LightningModule.validation_step
+
+    with pytest.raises(ValueError, match="has no validation_step, so Lightning never validates"):
+        _validate(NoValidation(GaussianMixture.digits(), EDMProcess()), GaussianMixtureMetrics())
     oracle = Oracle(GaussianMixture.digits(), EDMProcess())
     oracle.denoise = None
     with pytest.raises(ValueError, match="needs the module's `denoise`"):

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..data.mixture import GaussianMixture
 from ..metrics.mixture import DenoisingEvaluation, excess_percent, sample_scores, sigma_grid
@@ -70,6 +71,9 @@ class GaussianMixtureMetrics(pl.Callback):
             raise ValueError(f"{name}.mixture: give a GaussianMixture, or train on a DataModule with a `mixture` "
                              "attribute (lightning_diffusion.data.GaussianMixtureDataModule).")
         require(pl_module, name, "process", "denoise", *(("sample",) if self.num_samples else ()))
+        if not is_overridden("validation_step", pl_module):  # else Lightning skips validation: a silent no-op
+            raise ValueError(f"{name} scores the model at each validation, and {type(pl_module).__name__} has no "
+                             "validation_step, so Lightning never validates: add one (it may simply pass).")
         if self._conditional is None:
             self._conditional = int(getattr(pl_module, "num_classes", 0) or 0) > 0
         self.evaluation = DenoisingEvaluation(self.mixture, pl_module.process, self.sigmas, self.eval_size,
