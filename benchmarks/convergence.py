@@ -63,6 +63,7 @@ MIXTURE_LEVELS = 8
 MIXTURE_SEEDS, MIXTURE_STEPS = 5, 600
 MIXTURE_FIELDS = (FIELDS[:-1] + ["val_excess_pct", "val_excess", "val_fd_exact", "val_class_accuracy", "val_nll_gap"]
                   + [f"val_excess_pct_level{i}" for i in range(MIXTURE_LEVELS)])
+CURVES = {"digits": (FIELDS, "val/fd"), "mixture": (MIXTURE_FIELDS, "val/excess_pct")}  # columns, the score
 
 
 def available_arms() -> list[str]:
@@ -105,29 +106,16 @@ def mixture_args(args: argparse.Namespace) -> list[str]:
 
 
 def read_curve(log_dir: Path, arm: str, seed: int, data: str) -> list[dict]:
-    if data == "mixture":
-        return read_mixture_curve(log_dir, arm, seed)
+    """The run's evaluations from its metrics.csv: the rows holding the study's score, as ``FIELDS`` of ``data``."""
+    fields, score = CURVES[data]
     rows = []
     with open(log_dir / "metrics.csv") as f:
         for r in csv.DictReader(f):
-            if r.get("val/fd"):
-                step = int(float(r["time/global_step"]))
-                rows.append({"arm": arm, "seed": seed, "step": step, "images": int(float(r["time/images_seen"])),
-                             "train_seconds": float(r.get("time/train_seconds") or "nan"),
-                             "val_loss": float(r["val/loss"]), "val_mse_x0": float(r.get("val/mse_x0") or "nan"),
-                             "val_fd": float(r["val/fd"])})
-    return rows
-
-
-def read_mixture_curve(log_dir: Path, arm: str, seed: int) -> list[dict]:
-    rows = []
-    with open(log_dir / "metrics.csv") as f:
-        for r in csv.DictReader(f):
-            if r.get("val/excess_pct"):
+            if r.get(score):
                 row = {"arm": arm, "seed": seed, "step": int(float(r["time/global_step"])),
                        "images": int(float(r["time/images_seen"]))}
-                for field in MIXTURE_FIELDS[4:]:
-                    key = {"train_seconds": "time/train_seconds"}.get(field, field.replace("val_", "val/", 1))
+                for field in fields[len(row):]:  # train_seconds from time/, the val_ scores from val/
+                    key = "time/train_seconds" if field == "train_seconds" else field.replace("val_", "val/", 1)
                     row[field] = float(r.get(key) or "nan")
                 rows.append(row)
     return rows
@@ -229,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
         for seed in args.seeds:
             rows += run(arm, seed, args)
     with open(out / "curves.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MIXTURE_FIELDS if args.data == "mixture" else FIELDS)
+        writer = csv.DictWriter(f, fieldnames=CURVES[args.data][0])
         writer.writeheader()
         writer.writerows(rows)
     minutes = (time.perf_counter() - started) / 60

@@ -50,9 +50,15 @@ def level_columns(curves: dict) -> list[str]:
     return sorted((k for k in first if k.startswith(f"{METRIC}_level")), key=lambda k: int(k.rsplit("level", 1)[1]))
 
 
-def mean_curve(runs: dict[int, list[dict]], seeds: list[int], window: int) -> list[dict]:
-    """The smoothed metric and the training seconds averaged over ``seeds`` (repeats allowed) at each evaluation."""
-    smooth = [smoothed(runs[s], window, METRIC) for s in seeds]
+def final_per_level(runs: dict[int, list[dict]], columns: list[str], window: int) -> list[float]:
+    """Each level's final value: the mean of the last ``window`` evaluations, averaged over seeds."""
+    return [statistics.fmean(statistics.fmean(r[c] for r in rows[-window:]) for rows in runs.values())
+            for c in columns]
+
+
+def mean_curve(smooth_runs: dict[int, list[dict]], seeds: list[int]) -> list[dict]:
+    """The (already smoothed) metric and the training seconds averaged over ``seeds`` (repeats allowed)."""
+    smooth = [smooth_runs[s] for s in seeds]
     length = min(len(rows) for rows in smooth)
     return [{"step": smooth[0][i]["step"], METRIC: statistics.fmean(rows[i][METRIC] for rows in smooth),
              "train_seconds": statistics.fmean(rows[i]["train_seconds"] for rows in smooth)} for i in range(length)]
@@ -81,29 +87,30 @@ def summarize(curves: dict[str, dict[int, list[dict]]], baselines: dict[str, str
     (a seed fixes initialization, data order and noise in both), ``resamples`` times, seeded.
     """
     rng = random.Random(0)
+    smooth = {arm: {seed: smoothed(rows, window, METRIC) for seed, rows in runs.items()}
+              for arm, runs in curves.items()}  # once: the bootstrap averages these thousands of times
     out = []
-    for arm, runs in curves.items():
+    for arm, runs in smooth.items():
         base_name = baselines.get(arm, "baseline")
-        base_runs = curves.get(base_name, runs)
+        base_runs = smooth.get(base_name, runs)
         seeds = sorted(set(runs) & set(base_runs))
-        last = {seed: runs[seed][-1] for seed in runs}
-        row: dict[str, Any] = {"arm": arm, "baseline": base_name,
-                               "final": [smoothed(rows, window, METRIC)[-1][METRIC] for rows in runs.values()]}
+        last = {seed: rows[-1] for seed, rows in curves[arm].items()}
+        row: dict[str, Any] = {"arm": arm, "baseline": base_name, "final": [rows[-1][METRIC] for rows in runs.values()]}
         for key in ("val_fd_exact", "val_class_accuracy", "val_nll_gap"):
             row[key] = [r[key] for r in last.values() if not math.isnan(r[key])]
         for key in ("step", "train_seconds"):
-            point, reached, first = speedup(mean_curve(base_runs, seeds, window), mean_curve(runs, seeds, window), key)
+            point, reached, first = speedup(mean_curve(base_runs, seeds), mean_curve(runs, seeds), key)
             draws = []
             for _ in range(resamples if len(seeds) > 1 else 0):
                 pick = [rng.choice(seeds) for _ in seeds]
-                draws.append(speedup(mean_curve(base_runs, pick, window), mean_curve(runs, pick, window), key))
+                draws.append(speedup(mean_curve(base_runs, pick), mean_curve(runs, pick), key))
             values = sorted(d[0] for d in draws)
             row[f"speedup_{key}"] = {
                 "point": point, "reached": reached, "at_first": first,
                 "low": values[int(0.025 * len(values))] if values else math.nan,
                 "high": values[int(0.975 * len(values)) - 1] if values else math.nan,
                 "not_reached": sum(not d[1] for d in draws) / len(draws) if draws else float(not reached)}
-        finals = [smoothed(rows, window, METRIC)[-1][METRIC] for rows in base_runs.values()]
+        finals = [rows[-1][METRIC] for rows in base_runs.values()]
         row["baseline_final_cv"] = statistics.stdev(finals) / statistics.fmean(finals) if len(finals) > 1 else math.nan
         out.append(row)
     return out
@@ -137,8 +144,7 @@ def level_table(curves: dict[str, dict[int, list[dict]]], sigmas: list[float], w
     columns = level_columns(curves)
     lines = ["| arm | " + " | ".join(f"σ={s:.3g}" for s in sigmas) + " |", "|---" * (len(columns) + 1) + "|"]
     for arm, runs in curves.items():
-        finals = [statistics.fmean(statistics.fmean(r[c] for r in rows[-window:]) for rows in runs.values())
-                  for c in columns]
+        finals = final_per_level(runs, columns, window)
         lines.append(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in finals) + " |")
     return "\n".join(lines)
 
@@ -172,8 +178,7 @@ def plot(curves: dict[str, dict[int, list[dict]]], sigmas: list[float], path: st
             line, = ax.plot(xs, [statistics.fmean(v) for v in ys], label=arm, color=color, **style)
             color = line.get_color()
             ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=color, alpha=0.1)
-        finals = [statistics.fmean(statistics.fmean(r[c] for r in rows[-window:]) for rows in curves[arm].values())
-                  for c in columns]
+        finals = final_per_level(curves[arm], columns, window)
         axes[2].plot(sigmas, finals, marker="o", color=color, label=arm, **style)
     axes[0].set(xlabel="optimizer steps", ylabel="% above the Bayes error (geometric mean over levels)", yscale="log")
     axes[1].set(xlabel="training wall-clock, s (validation excluded)", ylabel="% above the Bayes error", yscale="log")

@@ -18,12 +18,17 @@ from convergence_report import crossing, smoothed, summarize  # noqa: E402
 import mixture_report  # noqa: E402
 
 
+def quick_study(tmp_path, *args: str) -> tuple[Path, list[dict]]:
+    """--quick on the baseline and Min-SNR, 12 steps evaluated every 6: the output folder and curves.csv rows."""
+    out = convergence.main(["--quick", "--arms", "baseline", "min_snr", "--steps", "12", "--eval-every", "6",
+                            *args, "--out", str(tmp_path)])
+    with open(out / "curves.csv") as f:
+        return out, list(csv.DictReader(f))
+
+
 @pytest.mark.timeout(300)
 def test_quick_study_writes_curves_plot_and_table(tmp_path):
-    out = convergence.main(["--quick", "--data", "digits", "--arms", "baseline", "min_snr", "--steps", "12",
-                            "--eval-every", "6", "--fd-samples", "32", "--out", str(tmp_path)])
-    with open(out / "curves.csv") as f:
-        rows = list(csv.DictReader(f))
+    out, rows = quick_study(tmp_path, "--data", "digits", "--fd-samples", "32")
     assert list(rows[0]) == convergence.FIELDS
     assert sorted({(r["arm"], r["step"]) for r in rows}) == [("baseline", "12"), ("baseline", "6"),
                                                                ("min_snr", "12"), ("min_snr", "6")]
@@ -60,10 +65,7 @@ def test_fd_is_smoothed_by_a_trailing_mean_before_the_crossing():
 
 @pytest.mark.timeout(300)
 def test_quick_mixture_study_writes_exact_scores_per_level(tmp_path):
-    out = convergence.main(["--quick", "--arms", "baseline", "min_snr", "--steps", "12", "--eval-every", "6",
-                            "--fd-samples", "50", "--eval-size", "64", "--out", str(tmp_path)])
-    with open(out / "curves.csv") as f:
-        rows = list(csv.DictReader(f))
+    out, rows = quick_study(tmp_path, "--fd-samples", "50", "--eval-size", "64")
     assert list(rows[0]) == convergence.MIXTURE_FIELDS
     assert len(rows) == 2 * 2  # arms x evaluations (one seed in --quick)
     for r in rows:

@@ -80,13 +80,12 @@ class GaussianMixtureMetrics(pl.Callback):
                                               self.seed, self._conditional)
         if self.num_samples:
             # The metrics' own floor and the entropy: true samples with the same label mix.
-            true, _ = self.mixture.sample(self.num_samples, torch.Generator().manual_seed(self.seed + 1),
-                                          self._labels(1))
-            big_labels = self._labels(10)
-            big, _ = self.mixture.sample(len(big_labels) if big_labels is not None else 10 * self.num_samples,
-                                         torch.Generator().manual_seed(self.seed + 2), big_labels)
+            labels, big_labels = self._labels(1), self._labels(10)
+            true, _ = self.mixture.sample(self.num_samples, torch.Generator().manual_seed(self.seed + 1), labels)
+            big, _ = self.mixture.sample(10 * self.num_samples, torch.Generator().manual_seed(self.seed + 2),
+                                         big_labels)
             self._entropy = float(-self.mixture.log_prob(big, big_labels).mean() / self.mixture.dim)
-            scores = sample_scores(true, self._labels(1), self.mixture, self._entropy)
+            scores = sample_scores(true, labels, self.mixture, self._entropy)
             self.floors = {k: float(v) for k, v in scores.items()}
 
     def _labels(self, repeats: int) -> torch.Tensor | None:
@@ -102,7 +101,7 @@ class GaussianMixtureMetrics(pl.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         index = torch.arange(rank, self.eval_size, world)
         sums = self.evaluation.excess(pl_module.denoise, pl_module.device, index, self.batch_size)
-        excess = trainer.strategy.reduce(sums, reduce_op="sum") / self.eval_size if world > 1 else sums / self.eval_size
+        excess = trainer.strategy.reduce(sums, reduce_op="sum") / self.eval_size  # one process: unchanged
         bayes = self.evaluation.bayes
         metrics = {"excess_pct": excess_percent(excess, bayes), "excess": excess.sum().cpu()}
         for i, value in enumerate((100 * excess.cpu() / bayes).tolist()):

@@ -169,6 +169,11 @@ class VPProcess(NoiseProcess):
         s = _expand(self._sqrt_one_minus.on(t.device)[t], x0)
         return a * x0 + s * noise
 
+    def level_from_sigma(self, sigma: Tensor) -> Tensor:
+        """The timestep whose VE noise ``s_t / a_t`` is nearest to ``sigma`` in log (int64): VP is discrete."""
+        table = (self._sqrt_one_minus.on(sigma.device).double() / self._sqrt_abar.on(sigma.device).double()).log()
+        return (table[None, :] - sigma.double().log().reshape(-1, 1)).abs().argmin(1).reshape(sigma.shape)
+
     def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t))`` in float32."""
         t = level.long()

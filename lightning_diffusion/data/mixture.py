@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..io import atomic_write
 
 DIGITS_MIXTURE_PATH = Path(__file__).resolve().parent / "assets" / "digits_mixture.npz"
 _FIELDS = ("weights", "means", "eigvecs", "eigvals", "component_classes", "shape")
@@ -87,18 +88,10 @@ class GaussianMixture:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the parameters as float32 arrays, atomically (a crash leaves any old file intact)."""
-        path = Path(path)
         arrays = {"weights": self.weights.float(), "means": self.means.float(), "eigvecs": self.eigvecs.float(),
                   "eigvals": self.eigvals.float(), "component_classes": self.component_classes.to(torch.uint8),
                   "shape": torch.tensor(self.shape)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **{k: v.numpy() for k, v in arrays.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in arrays.items()}))
 
     # ------------------------------------------------------------------ moments
     @property

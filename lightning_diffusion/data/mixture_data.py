@@ -37,6 +37,7 @@ class GaussianMixtureDataModule(ImageDataModule):
         for setting, value in (("train_size", train_size), ("val_size", val_size)):
             if value < 1:
                 raise ValueError(f"{name}.{setting}: got {value}; give a positive number of images.")
+        # val_fraction is unused (the validation images are drawn apart); image_size None: the mixture's 8x8
         super().__init__(batch_size, 0.5, num_workers, None, seed)
         self.mixture = GaussianMixture.digits() if path is None else GaussianMixture.load(path)
         generator = torch.Generator().manual_seed(seed)

@@ -26,15 +26,10 @@ def levels_for_sigmas(process: NoiseProcess, sigmas: Tensor) -> Tensor:
 
     Equal ``s / a`` means equal information in ``x_t`` (``x_t / a = x0 + (s / a) eps``), hence the same
     ``D*`` up to that scaling and the same Bayes error: per-level scores compare across processes.
-    A discrete process (VP) gets its nearest timestep in log sigma; the Bayes error is then computed
+    A discrete process (VP) gives its nearest timestep in log sigma; the Bayes error is then computed
     at that timestep's own ``(a, s)``, so it stays exact.
     """
-    if not process.discrete:
-        return process.level_from_sigma(sigmas.float())
-    steps = torch.arange(int(process.num_timesteps))  # type: ignore[attr-defined]
-    a, s = process.alpha_sigma(steps)
-    table = (s.double() / a.double()).log()
-    return (table[None, :] - sigmas.log()[:, None]).abs().argmin(1)
+    return process.level_from_sigma(sigmas.float())
 
 
 class DenoisingEvaluation:
