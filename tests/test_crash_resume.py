@@ -171,8 +171,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, sampler, dev
     # Every snapshot of the run is listed once in the manifest of the folder the run kept writing to
     # (the first run's, continued on resume) and loads; the resumed run rewrote none of them.
     assert all((phema / name).stat().st_mtime_ns == t and (phema / name).read_bytes() == b
-                          for name, (t, b) in before.items())
-    assert Path(final["ema_dir"]).resolve() == phema.resolve()
+                          for name, (t, b) in before.items()), where
+    assert Path(final["ema_dir"]).resolve() == phema.resolve(), where
     manifest = [entry["file"] for entry in load_manifest(phema)]
     assert sorted(manifest) == sorted(ref["ema_snapshots"]) and len(set(manifest)) == len(manifest)
     for name in manifest:
