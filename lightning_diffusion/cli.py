@@ -234,5 +234,15 @@ def _saves_last(callback: Any) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point ``lightning-diffusion`` (returns nothing: the exit status stays 0)."""
+    """Console entry point ``lightning-diffusion`` (returns nothing: the exit status stays 0).
+
+    ``lightning-diffusion encode ...`` turns images into latent shards (:mod:`lightning_diffusion.encode`);
+    every other subcommand is Lightning's (fit, validate, test, predict).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["encode"]:
+        from .encode import main as encode_main
+
+        encode_main(argv[1:])
+        return
     DiffusionCLI(args=args)

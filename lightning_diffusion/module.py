@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from .autoencoders.space import LatentSpace
 from .checkpoint_compat import check_checkpoint_fits, is_plain
 from .clock import ImageClock, images_per_step, images_seen
 from .divergence import DivergenceGuard, NonFiniteLossError
@@ -164,6 +165,10 @@ class DiffusionLightningModule(pl.LightningModule):
         self.draws = 0
         self.batch_size_per_device = 0
         self.image_shape: tuple[int, ...] | None = None
+        # Latent diffusion (docs/latents.md): the autoencoder and normalization the data came through,
+        # from a LatentDataModule at setup or from the checkpoint; a plain attribute, so the frozen
+        # autoencoder stays out of state_dict and the optimizer.
+        self.latent_space: LatentSpace | None = None
         self._generator: torch.Generator | None = None
         self.check_finite = check_finite
         self.divergence = DivergenceGuard(check_finite)
@@ -179,7 +184,10 @@ class DiffusionLightningModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             ImageClock.attach(self._trainer)  # the one clock every schedule reads (clock.py)
-        check_data_fits_net(self.net, getattr(self._trainer, "datamodule", None) if self._trainer else None)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        check_data_fits_net(self.net, datamodule)
+        if getattr(datamodule, "latent_space", None) is not None:
+            self._use_latent_space(datamodule.latent_space, "the data")
         # Targets that need the run (STF's reference stream, DDP gathers) attach to it here.
         if hasattr(self.target, "setup"):
             self.target.setup(self)
@@ -248,6 +256,7 @@ class DiffusionLightningModule(pl.LightningModule):
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "timesteps": self.timesteps.state_dict(),
             "target": self.target.state_dict() if hasattr(self.target, "state_dict") else {},
+            "latents": self.latent_space.state() if self.latent_space is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -265,6 +274,19 @@ class DiffusionLightningModule(pl.LightningModule):
         self.timesteps.load_state_dict(state["timesteps"])
         if hasattr(self.target, "load_state_dict") and state.get("target"):
             self.target.load_state_dict(state["target"])
+        if state.get("latents"):
+            self._use_latent_space(LatentSpace.from_state(state["latents"]), "the checkpoint")
+
+    def _use_latent_space(self, space: LatentSpace, origin: str) -> None:
+        """Decode through ``space`` from now on; refuse one that disagrees with what the model trained on."""
+        if self.latent_space is not None and not self.latent_space.same_as(space):
+            raise ValueError(f"Latent space: {origin} uses {space.state()} but this model has "
+                             f"{self.latent_space.state()}; train and evaluate on latents of the same encode.")
+        self.latent_space = space
+
+    def decoded(self, x: Tensor) -> Tensor:
+        """Images from the model's data: decoded latents when it trains in a latent space, else ``x``."""
+        return x if self.latent_space is None else self.latent_space.decode(x)
 
     @property
     def images_seen(self) -> int:
@@ -381,7 +403,7 @@ class DiffusionLightningModule(pl.LightningModule):
             self.val_seed * 1_000_003 + batch_idx * 1009 + self.global_rank)
         losses = validation_losses(self, x0, labels, generator)
         if self.fd is not None:
-            self.fd.update(x0, real=True)
+            self.fd.update(self.decoded(x0).clamp(-1, 1), real=True)
         for name, value in losses.items():
             self.log(f"val/{name}", value, sync_dist=True, prog_bar=name == "loss", batch_size=x0.shape[0])
         return losses
@@ -416,8 +438,13 @@ class DiffusionLightningModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         shape: tuple[int, ...] | None = None,
         clamp: bool = True,
+        decode: bool = True,
     ) -> Tensor:
-        """Generate ``num_samples`` images with the chosen solver, clamped to [-1, 1] unless ``clamp=False``."""
+        """Generate ``num_samples`` images with the chosen solver, clamped to [-1, 1] unless ``clamp=False``.
+
+        A latent model (``latent_space`` set) returns decoded images unless ``decode=False`` (then the
+        normalized latents, never clamped); ``shape`` is the latents' shape.
+        """
         shape = shape or self.image_shape
         if shape is None:
             raise ValueError("sample needs shape=(C, H, W): this module has not seen a batch yet.")
@@ -430,6 +457,10 @@ class DiffusionLightningModule(pl.LightningModule):
                                     self.num_classes, num_steps, solver, guidance, generator)
         finally:
             self.train(was_training)
+        if self.latent_space is not None:
+            if not decode:
+                return x
+            x = self.latent_space.decode(x)
         return x.clamp(-1, 1) if clamp else x
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

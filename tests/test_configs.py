@@ -23,6 +23,7 @@ def test_recipe_trains_two_steps(path, tmp_path):
         "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.precision=32-true", "--trainer.strategy=auto", "--trainer.num_nodes=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        *([f"--data.init_args.path={tmp_path / 'latents'}"] if path.name.startswith("latent") else []),
     ])
     assert cli.trainer.global_step == 2
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])

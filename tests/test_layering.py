@@ -1,4 +1,4 @@
-"""docs/architecture.md dependency rules: core/, timesteps/, ema/ are pure torch; callbacks hold no math."""
+"""docs/architecture.md dependency rules: core/, timesteps/, ema/, autoencoders/ are pure torch; callbacks hold no math."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_diffusion"
-PURE = ("core", "timesteps", "ema")
+PURE = ("core", "timesteps", "ema", "autoencoders")
 # What each pure folder may import from the package (core <- timesteps, ema); io.py is a
 # stdlib-only leaf (atomic file writes) that every layer may use.
-ALLOWED_INTERNAL = {"core": {"core", "io"}, "timesteps": {"core", "timesteps", "io"}, "ema": {"core", "ema", "io"}}
+ALLOWED_INTERNAL = {"core": {"core", "io"}, "timesteps": {"core", "timesteps", "io"}, "ema": {"core", "ema", "io"},
+                    "autoencoders": {"autoencoders", "io"}}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:

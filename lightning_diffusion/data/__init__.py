@@ -5,6 +5,7 @@ from lightning_diffusion.data.base import ImageDataModule, InMemoryImages
 from lightning_diffusion.data.cifar import CIFAR10DataModule
 from lightning_diffusion.data.embedded import DigitsDataModule
 from lightning_diffusion.data.folder import ImageFolderDataModule
+from lightning_diffusion.data.latent_data import LatentDataModule
 from lightning_diffusion.data.mixture import GaussianMixture
 from lightning_diffusion.data.mixture_data import GaussianMixtureDataModule
 from lightning_diffusion.data.resumable import ImagesSeenSampler, ResumableDataLoader
@@ -19,5 +20,6 @@ __all__ = [
     "ImageFolderDataModule",
     "ImagesSeenSampler",
     "InMemoryImages",
+    "LatentDataModule",
     "ResumableDataLoader",
 ]

@@ -189,7 +189,8 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         world_size, rank = _world(trainer)
         try:
-            sampler = ImagesSeenSampler(self.train_dataset, self.batch_size, world_size, rank, self.seed)
+            sampler = ImagesSeenSampler(self.train_dataset, self.batch_size, world_size, rank, self.seed,
+                                        epoch_keyed=getattr(self.train_dataset, "epoch_keyed", False))
         except ValueError as error:
             raise ValueError(str(error).replace("ImagesSeenSampler", f"{type(self).__name__}")) from None
         if trainer is not None and self._train_loader is not None and self._train_loader[0] is trainer:
@@ -200,6 +201,7 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
+            collate_fn=getattr(self.train_dataset, "collate", None),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -213,6 +215,7 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=False,
+            collate_fn=getattr(self.val_dataset, "collate", None),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -35,9 +35,12 @@ class ImagesSeenSampler(DistributedSampler):
         num_replicas: ranks sharing the data (``trainer.world_size``).
         rank: this rank (``trainer.global_rank``).
         seed: epoch ``e`` is shuffled with ``seed + e``.
+        epoch_keyed: yield ``e * len(dataset) + index`` instead of ``index``, for datasets that draw
+            per-epoch randomness from it (:class:`~lightning_diffusion.data.latent_data.LatentDataset`).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 epoch_keyed: bool = False) -> None:
         size = len(dataset)  # type: ignore[arg-type]
         if batch_size < 1:
             raise ValueError(f"ImagesSeenSampler.batch_size: got {batch_size}; give a positive integer.")
@@ -52,6 +55,7 @@ class ImagesSeenSampler(DistributedSampler):
         self.total_size = self.num_samples * num_replicas
         self.batch_size = batch_size
         self.batches_per_epoch = self.num_samples // batch_size
+        self.epoch_keyed = epoch_keyed
         self.batches_seen = 0  # advanced by ResumableDataLoader as batches are handed out, not as they are read ahead
 
     def __len__(self) -> int:
@@ -73,7 +77,7 @@ class ImagesSeenSampler(DistributedSampler):
         start = offset * self.batch_size
         while remaining > 0:
             chunk = self.epoch_indices(epoch)[start : start + remaining]
-            yield from chunk.tolist()
+            yield from (chunk + epoch * len(self.dataset) if self.epoch_keyed else chunk).tolist()
             remaining -= len(chunk)
             epoch, start = epoch + 1, 0
 
