@@ -1,6 +1,6 @@
 """Re-measure every time and throughput the README states, one after another, with the conditions.
 
-    python benchmarks/measure_all.py                      # everything (~1 hour on 2 CPU cores)
+    python benchmarks/measure_all.py                      # everything (~2 h 15 min on 2 CPU cores)
     python benchmarks/measure_all.py --only throughput stf_cost
     python benchmarks/measure_all.py --list
 
@@ -43,6 +43,10 @@ BENCHMARKS: dict[str, list[str]] = {
     "mixture": ["lightning-diffusion", "fit", "--config", "configs/mixture.yaml",
                 "--trainer.default_root_dir=outputs/measure_mixture"],
     "stf_variance": [PY, "benchmarks/stf_variance.py"],
+    "latents": [PY, "benchmarks/latents.py"],
+    "latent_digits": ["lightning-diffusion", "fit", "--config", "configs/latent_digits.yaml",
+                      "--trainer.default_root_dir=outputs/measure_latent_digits",
+                      "--data.init_args.path=outputs/measure_latent_digits/latents"],  # encodes on first use: timed too
     "convergence_quick": [PY, "benchmarks/convergence.py", "--quick", "--out", "outputs/convergence_quick"],
     "convergence_mixture": [PY, "benchmarks/convergence.py", "--out", "benchmarks/results/convergence_mixture"],
     "convergence": [PY, "benchmarks/convergence.py", "--data", "digits", "--out", "benchmarks/results/convergence"],

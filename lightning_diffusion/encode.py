@@ -148,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``lightning-diffusion encode ...``); exit 2 with one line on a bad setting."""
     parser = _parser()
-    args = parser.parse_args(argv)
     parser.error = _one_line_error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
     out = Path(args.out).expanduser()
     existed = out.exists()
     if args.image_size is not None and args.image_size < 1:

@@ -212,3 +212,44 @@ def test_two_process_encode_writes_the_same_latents(encoded, tmp_path):
     for key in ("mean", "std"):
         np.testing.assert_allclose(read_json(out / NORMALIZATION, "")[key], read_json(encoded / NORMALIZATION, "")[key],
                                    rtol=1e-6)
+
+
+def test_latents_that_do_not_fit_the_network_are_refused_before_training(encoded, tmp_path):
+    net = UNet(in_channels=1, image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=())  # a pixel-space net: 1x8x8, the latents are 4x4x4
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="in_channels"):
+        trainer.fit(DiffusionLightningModule(net), datamodule=LatentDataModule(str(encoded), batch_size=64))
+    assert trainer.global_step == 0
+
+
+def test_folder_and_array_sources_encode_what_they_hold(tmp_path):
+    from PIL import Image
+
+    digits = open_source("digits")
+    images, labels = digits.read(0, 12)
+    pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+        folder = tmp_path / "folder" / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    np.save(tmp_path / "digits.npy", pixels)
+    reference = DigitsAutoencoder().encode(torch.from_numpy(pixels).unsqueeze(1).float() / 127.5 - 1.0)[0].detach()
+    for spec in (str(tmp_path / "digits.npy"), str(tmp_path / "folder")):
+        source = open_source(spec, channels=1)
+        out = encode(source, DigitsAutoencoder(), tmp_path / f"{Path(spec).stem}_latents", batch_size=5, shard_size=7,
+                     progress=False)
+        shards = LatentShards(out)
+        mean, _ = shards.moments(np.arange(len(shards)))
+        if spec.endswith(".npy"):
+            assert shards.num_classes == 0 and not shards.labels.any()
+            np.testing.assert_allclose(mean, reference.numpy(), atol=1e-5)
+        else:  # files sorted by class folder, then name; the subfolders are the classes
+            classes = sorted({f"class_{label}" for label in labels.tolist()})
+            assert shards.num_classes == len(classes)
+            files = sorted((tmp_path / "folder").rglob("*.png"))
+            expected = [classes.index(f.parent.name) for f in files]
+            np.testing.assert_array_equal(shards.labels, expected)
+            order = [int(f.stem) for f in files]
+            np.testing.assert_allclose(mean, reference.numpy()[order], atol=1e-5)

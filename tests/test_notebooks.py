@@ -18,6 +18,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 EXPECTED_FILES = {
     "posthoc_ema.ipynb": ["posthoc_ema_sweep.png", "posthoc_ema_profiles.png", "phema/manifest.json"],
     "quickstart.ipynb": ["curriculum_stages.png", "loss_aware_distribution.png", "samplers_samples.png"],
+    "latents.ipynb": ["latents_reconstructions.png", "latents_samples.png", "latents/normalization.json"],
     "convergence.ipynb": ["convergence.png", "convergence_by_arm.png", "convergence_mixture.png",
                           "convergence_mixture_levels.png"],
 }

@@ -117,6 +117,26 @@ def test_resume_whose_earlier_folder_is_gone_lists_only_the_snapshots_it_has(tmp
     assert len(resumed.snapshots) == 8  # the run's own record still knows all of them
 
 
+def test_resume_from_before_the_first_snapshot_continues_in_the_runs_folder(tmp_path):
+    # The checkpoint of step 2 comes before the first snapshot (step 3): its folder was never made,
+    # but the run's log folder is still here, so the resumed run writes there (not in a second
+    # folder beside a snapshot the crashed run may have written after that checkpoint).
+    cb = PostHocEMA(snapshot_every_nimg=3 * BATCH)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", every_n_train_steps=2, save_top_k=1, filename="{step}")
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[cb, ckpt], enable_checkpointing=True,
+                  default_root_dir=tmp_path / "a").fit(_module(), _loader())
+    assert not (tmp_path / "a" / "phema").exists()
+    saved = torch.load(tmp_path / "a" / "ckpt" / "step=2.ckpt", weights_only=True)["callbacks"]["PostHocEMA"]
+    assert saved["directory"] == str((tmp_path / "a" / "phema").resolve())
+    resumed = PostHocEMA(snapshot_every_nimg=3 * BATCH)
+    quiet_trainer(max_steps=6, limit_val_batches=0, callbacks=[resumed], default_root_dir=tmp_path / "b").fit(
+        _module(), _loader(), ckpt_path=tmp_path / "a" / "ckpt" / "step=2.ckpt")
+    assert resumed._directory == (tmp_path / "a" / "phema").resolve()
+    assert sorted(p.name for p in resumed._directory.glob("phema-*.pt")) == sorted(
+        e["file"] for e in resumed.snapshots) and len(resumed.snapshots) == 4  # steps 3 and 6, two profiles
+    assert not (tmp_path / "b" / "phema").exists()
+
+
 class _Probe(pl.Callback):
     """Placed after PostHocEMA: records what the network holds inside and after validation."""
 

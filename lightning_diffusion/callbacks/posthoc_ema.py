@@ -133,10 +133,12 @@ class PostHocEMA(pl.Callback):
         self._next_snapshot = int(state_dict["next_snapshot_nimg"])
         self.snapshots = [dict(s) for s in state_dict["snapshots"]]
         # A resumed run (the CLI logs it to a new version folder) keeps writing its snapshots next to
-        # the ones it already wrote, so one folder and manifest hold the whole run; an explicit
-        # dirpath, or a folder that is not here (checkpoint moved), starts in the new one instead.
+        # the ones it already wrote, so one folder and manifest hold the whole run. That holds too when
+        # the checkpoint came before the first snapshot (the folder is not made yet, but the run's log
+        # folder is here). An explicit dirpath, or a run folder that is not here (checkpoint moved),
+        # starts in the new one instead.
         previous = state_dict.get("directory")
-        if not self.dirpath and previous and Path(previous).is_dir():
+        if not self.dirpath and previous and (Path(previous).is_dir() or Path(previous).parent.is_dir()):
             self._directory = Path(previous)
             rank_zero_info(f"PostHocEMA: resumed; writing snapshots to {previous}, next to the run's earlier ones")
 

@@ -4,7 +4,8 @@ Batches are ``(x float32 [B, c, h, w], labels int64 [B])`` with ``x = (z - shift
 channel (docs/algorithms.md eq. 8.2) and ``z = mean + std * noise`` drawn afresh for every image in every epoch of
 the data stream (EDM2's practice), with the noise keyed by ``(seed, epoch, image)``: a resumed run
 draws the same latents, whatever the devices. Validation uses the encoder means (no noise). The
-shards stay on disk, memory-mapped: a set larger than RAM trains without being loaded.
+shards stay on disk and are read a row at a time: a set larger than RAM trains without being loaded, and
+the process's resident memory does not grow with it.
 """
 
 from __future__ import annotations
