@@ -39,18 +39,18 @@ def manifest_for(source: ImageSource, autoencoder: Autoencoder, shard_size: int,
             "latent_shape": list(autoencoder.latent_shape(source.image_shape)), "dtype": dtype}
 
 
-def check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+def check_resumable(out: Path, manifest: dict[str, Any], setting: str = "--out") -> None:
     """Refuse a folder that holds another encode's shards (continuing it would mix two data sets)."""
     if not (out / MANIFEST).is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"--out: '{out}' is a non-empty folder without a {MANIFEST}; give an empty or new "
+            raise ValueError(f"{setting}: '{out}' is a non-empty folder without a {MANIFEST}; give an empty or new "
                              "folder.")
         return
-    previous = read_json(out / MANIFEST, "--out")
+    previous = read_json(out / MANIFEST, setting)
     differing = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
     if differing:
-        raise ValueError(f"--out: '{out}' holds another encode ({', '.join(differing)} differ); give a new folder, "
-                         "or the same settings to continue it.")
+        raise ValueError(f"{setting}: '{out}' holds another encode ({', '.join(differing)} differ); give a new "
+                         "folder, or the same settings to continue it.")
 
 
 def encode(

@@ -253,3 +253,51 @@ def test_folder_and_array_sources_encode_what_they_hold(tmp_path):
             np.testing.assert_array_equal(shards.labels, expected)
             order = [int(f.stem) for f in files]
             np.testing.assert_allclose(mean, reference.numpy()[order], atol=1e-5)
+
+
+def test_cifar_folder_encodes_through_a_diffusers_autoencoder(tmp_path):
+    from test_autoencoders_diffusers import tiny_vae  # tests/ is on sys.path
+    from test_data import write_fake_cifar
+
+    from lightning_diffusion.autoencoders import DiffusersAutoencoder
+
+    folder = write_fake_cifar(tmp_path, per_batch=6)  # 30 training images of 3x32x32, labels i % 10
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    source = open_source(str(folder), image_size=16)
+    assert len(source) == 30 and source.image_shape == (3, 16, 16) and source.num_classes == 10
+    out = encode(source, DiffusersAutoencoder(str(tmp_path / "vae")), tmp_path / "latents", batch_size=8,
+                 shard_size=16, progress=False)
+    shards = LatentShards(out)
+    assert shards.latent_shape == (4, 8, 8) and shards.labels.tolist() == [i % 10 for i in range(6)] * 5
+    assert read_json(out / "latents.json", "")["autoencoder"]["name"] == "DiffusersAutoencoder"
+
+
+def test_a_resumed_latent_fit_trains_on_the_same_latents(encoded, tmp_path):
+    # The per-epoch latent draws are keyed by (seed, epoch, image), so a resume continues them exactly,
+    # here after the first epoch (25 batches of 64 of the 1,617 training latents) has ended.
+    def trainer(steps: int, root: Path, **kwargs) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, default_root_dir=root, **kwargs)
+
+    torch.manual_seed(0)
+    straight = _module()
+    trainer(30, tmp_path / "a").fit(straight, datamodule=LatentDataModule(str(encoded), batch_size=64))
+    torch.manual_seed(0)
+    first = _module()
+    interrupted = trainer(27, tmp_path / "b")
+    interrupted.fit(first, datamodule=LatentDataModule(str(encoded), batch_size=64))
+    interrupted.save_checkpoint(tmp_path / "b.ckpt")
+    resumed = _module()
+    trainer(30, tmp_path / "c").fit(resumed, datamodule=LatentDataModule(str(encoded), batch_size=64),
+                                    ckpt_path=tmp_path / "b.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_cache_of_another_encode_is_refused_not_used(encoded, tmp_path):
+    # encode_from on a folder that holds the digits encoded with shard size 256: the same settings reuse
+    # it; another shard size (or source, or autoencoder) is another encode.
+    same = LatentDataModule(str(encoded), encode_from="digits", autoencoder="digits", shard_size=SHARD)
+    assert same._encode_args is None and same.channels == 4
+    with pytest.raises(ValueError, match="LatentDataModule.path: .* holds another encode \\(shard_size differ\\)"):
+        LatentDataModule(str(encoded), encode_from="digits", autoencoder="digits", shard_size=100)

@@ -78,7 +78,9 @@ class LatentDataModule(ImageDataModule):
         target_std: the per-channel standard deviation of the normalized latents (docs/algorithms.md eq. 8.2); 0.5 matches
             the library's pixel data in [-1, 1] and EDM's ``sigma_data`` (EDM2 normalizes its latents to 0.5).
         encode_from: encode this source into ``path`` on first use when ``path`` holds no finished
-            encode: ``digits``, a ``.npy``/``.npz`` file, a CIFAR-10 folder or an image folder.
+            encode: ``digits``, a ``.npy``/``.npz`` file, a CIFAR-10 folder or an image folder. Later
+            runs reuse it; a ``path`` holding an encode of another source, autoencoder or shard size
+            is refused (leave ``encode_from`` unset to train on a folder ``lightning-diffusion encode`` wrote).
         autoencoder: with ``encode_from``: ``digits`` (shipped) or a local diffusers AutoencoderKL folder.
         image_size, channels, encode_batch_size, shard_size: with ``encode_from``, as in ``lightning-diffusion encode``.
 
@@ -110,19 +112,23 @@ class LatentDataModule(ImageDataModule):
             raise ValueError(f"LatentDataModule.target_std: got {target_std}; give a positive number.")
         self._encode_args: dict[str, Any] | None = None
         self.latent_space: LatentSpace | None = None
-        if self._finished():
+        if encode_from is not None:
+            from lightning_diffusion.data.image_sources import open_source
+            from lightning_diffusion.encode import check_resumable, manifest_for
+
+            source = open_source(encode_from, channels, image_size, setting="LatentDataModule.encode_from")
+            encoder = autoencoder_from_option(autoencoder, setting="LatentDataModule.autoencoder")
+            # A cache of another source or autoencoder (the config changed) is refused, not silently used.
+            check_resumable(self.path, manifest_for(source, encoder, shard_size, "float32"), "LatentDataModule.path")
+            shape, num_classes = list(encoder.latent_shape(source.image_shape)), source.num_classes
+            if not self._finished():
+                self._encode_args = {"source": source, "autoencoder": encoder, "batch_size": encode_batch_size,
+                                     "shard_size": shard_size}
+        elif self._finished():
             manifest = read_json(self.path / MANIFEST, "LatentDataModule.path")
             shape, num_classes = manifest.get("latent_shape"), manifest.get("source", {}).get("num_classes")
             if not (isinstance(shape, list) and len(shape) == 3 and isinstance(num_classes, int)):
                 raise ValueError(f"LatentDataModule.path: '{self.path / MANIFEST}' is not a latent manifest.")
-        elif encode_from is not None:
-            from lightning_diffusion.data.image_sources import open_source
-
-            source = open_source(encode_from, channels, image_size, setting="LatentDataModule.encode_from")
-            encoder = autoencoder_from_option(autoencoder, setting="LatentDataModule.autoencoder")
-            shape, num_classes = list(encoder.latent_shape(source.image_shape)), source.num_classes
-            self._encode_args = {"source": source, "autoencoder": encoder, "batch_size": encode_batch_size,
-                                 "shard_size": shard_size}
         else:
             raise FileNotFoundError(f"LatentDataModule.path: '{self.path}' holds no finished encode ({MANIFEST} and "
                                     f"{NORMALIZATION}); run lightning-diffusion encode, or give encode_from.")
