@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
     p.add_argument("--dtype", default="float32", choices=list(STORAGE_DTYPES), help="storage of the moments")
-    p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes over gloo)")
+    p.add_argument("--devices", type=int, default=1, help="processes per node (GPUs, or CPU processes over gloo)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (under torchrun or SLURM, as for fit)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -154,14 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     existed = out.exists()
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size: got {args.image_size}; give a positive integer.")
-    if args.devices < 1:
-        parser.error(f"--devices: got {args.devices}; give a positive integer.")
+    if args.devices < 1 or args.num_nodes < 1:
+        parser.error(f"--devices/--num-nodes: got {args.devices}/{args.num_nodes}; give positive integers.")
     try:
         source = open_source(args.source, args.channels, args.image_size, setting="--source")
         autoencoder = autoencoder_from_option(args.autoencoder, args.subfolder, args.autoencoder_dtype,
                                               setting="--autoencoder")
         autoencoder.latent_shape(source.image_shape)  # images that do not fit it: refused before any file
-        fabric = _fabric(args.accelerator, args.devices)
+        fabric = _fabric(args.accelerator, args.devices, args.num_nodes)
         encode(source, autoencoder, out, args.batch_size, args.shard_size, args.dtype, fabric.device,
                fabric.global_rank, fabric.world_size, fabric.barrier, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as error:
@@ -177,14 +178,14 @@ def _one_line_error(message: str) -> None:
     raise SystemExit(2)
 
 
-def _fabric(accelerator: str, devices: int) -> Any:
-    """One process, or ``devices`` processes under DDP (re-launched like a Lightning fit)."""
+def _fabric(accelerator: str, devices: int, num_nodes: int) -> Any:
+    """One process, or ``devices`` x ``num_nodes`` processes under DDP (launched like a Lightning fit)."""
     from lightning.fabric import Fabric
 
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    strategy = "ddp" if devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 else "auto"
-    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy)
+    strategy = "ddp" if devices * num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 else "auto"
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     fabric.launch()
     return fabric
 
