@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         model_channels=64 if args.gpu else (16 if quick else 32), sweep=[])
     else:
         defaults = dict(seeds=[0] if quick else [0, 1, 2], steps=300 if quick else 1000,
-                        fd_samples=128 if quick else 256, batch_size=64, eval_size=0,
+                        fd_samples=128 if quick else 1000, batch_size=64, eval_size=0,
                         model_channels=64 if args.gpu else (16 if quick else 32),
                         sweep=[] if quick else [0.05, 0.08, 0.12, 0.16])
     for key, value in defaults.items():

@@ -1,6 +1,6 @@
 """Re-measure every time and throughput the README states, one after another, with the conditions.
 
-    python benchmarks/measure_all.py                      # everything (~2 h 15 min on 2 CPU cores)
+    python benchmarks/measure_all.py                      # everything (~2 h 35 min on 2 CPU cores)
     python benchmarks/measure_all.py --only throughput stf_cost
     python benchmarks/measure_all.py --list
 
