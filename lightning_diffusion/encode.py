@@ -83,7 +83,7 @@ def encode(
     sizes = shard_sizes(len(source), shard_size)
     todo = [i for i in range(rank, len(sizes), world_size) if not shard_files(out, i)[0].is_file()]
     autoencoder = autoencoder.to(device)
-    with _progress(progress and rank == 0, sum(sizes[i] for i in todo) * world_size, out) as advance:
+    with _progress(progress and rank == 0, sum(sizes[i] for i in todo) * world_size) as advance:
         for index in todo:
             start = index * shard_size
             means, stds = [], []
@@ -105,8 +105,8 @@ def encode(
 class _progress:
     """A Rich progress bar over images (rank 0 only); a no-op when off or when nothing is left."""
 
-    def __init__(self, show: bool, total: int, out: Path) -> None:
-        self.show, self.total, self.out = show and total > 0, total, out
+    def __init__(self, show: bool, total: int) -> None:
+        self.show, self.total = show and total > 0, total
 
     def __enter__(self) -> Callable[[int], None]:
         if not self.show:

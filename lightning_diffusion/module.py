@@ -274,8 +274,10 @@ class DiffusionLightningModule(pl.LightningModule):
         self.timesteps.load_state_dict(state["timesteps"])
         if hasattr(self.target, "load_state_dict") and state.get("target"):
             self.target.load_state_dict(state["target"])
-        if state.get("latents"):
-            self._use_latent_space(LatentSpace.from_state(state["latents"]), "the checkpoint")
+        latents = state.get("latents")
+        # the data's space equal to the checkpoint's (every resume) is kept: no second load of the autoencoder
+        if latents and (self.latent_space is None or self.latent_space.state() != latents):
+            self._use_latent_space(LatentSpace.from_state(latents), "the checkpoint")
 
     def _use_latent_space(self, space: LatentSpace, origin: str) -> None:
         """Decode through ``space`` from now on; refuse one that disagrees with what the model trained on."""

@@ -49,7 +49,7 @@ class LatentDataset(Dataset):
         return x[0], labels[0]
 
     def __getitems__(self, items: list[int]) -> tuple[Tensor, Tensor]:
-        """A batch read at once (one read per shard touched); the DataLoader calls this with a batch's items."""
+        """A batch read and normalized at once; the DataLoader calls this with a batch's items."""
         epochs, positions = np.divmod(np.asarray(items, dtype=np.int64), len(self))
         chosen = self.indices[positions]
         mean, std = (torch.from_numpy(a) for a in self.shards.moments(chosen))
@@ -111,13 +111,14 @@ class LatentDataModule(ImageDataModule):
         if not self.target_std > 0:
             raise ValueError(f"LatentDataModule.target_std: got {target_std}; give a positive number.")
         self._encode_args: dict[str, Any] | None = None
+        self._encoder = None  # built here when encode_from is given; setup reuses it instead of loading it again
         self.latent_space: LatentSpace | None = None
         if encode_from is not None:
             from lightning_diffusion.data.image_sources import open_source
             from lightning_diffusion.encode import check_resumable, manifest_for
 
             source = open_source(encode_from, channels, image_size, setting="LatentDataModule.encode_from")
-            encoder = autoencoder_from_option(autoencoder, setting="LatentDataModule.autoencoder")
+            encoder = self._encoder = autoencoder_from_option(autoencoder, setting="LatentDataModule.autoencoder")
             # A cache of another source or autoencoder (the config changed) is refused, not silently used.
             check_resumable(self.path, manifest_for(source, encoder, shard_size, "float32"), "LatentDataModule.path")
             shape, num_classes = list(encoder.latent_shape(source.image_shape)), source.num_classes
@@ -153,7 +154,9 @@ class LatentDataModule(ImageDataModule):
         self.prepare_data()  # a DataModule used without a Trainer encodes here
         shards = LatentShards(self.path)
         stats = read_json(self.path / NORMALIZATION, "LatentDataModule.path")
-        autoencoder = build_autoencoder(shards.manifest["autoencoder"], f"'{self.path / MANIFEST}' autoencoder")
+        # with encode_from, check_resumable made sure the manifest names the encoder built in __init__
+        autoencoder = self._encoder if self._encoder is not None else build_autoencoder(
+            shards.manifest["autoencoder"], f"'{self.path / MANIFEST}' autoencoder")
         self.latent_space = LatentSpace.from_stats(autoencoder, stats, self.target_std)
         order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(self.seed)).numpy()
         num_val = max(1, round(self.val_fraction * len(shards)))
@@ -162,4 +165,4 @@ class LatentDataModule(ImageDataModule):
                              "training latents; give a smaller batch_size.")
         self.train_dataset = LatentDataset(shards, np.sort(order[num_val:]), self.latent_space, self.seed, True)
         self.val_dataset = LatentDataset(shards, np.sort(order[:num_val]), self.latent_space, self.seed, False)
-        self._encode_args = None  # the encoder is not needed again (and would be pickled for ddp_spawn)
+        self._encode_args = self._encoder = None  # held by latent_space now; the source is not needed again
