@@ -47,7 +47,9 @@ def check_checkpoint_fits(module: pl.LightningModule, checkpoint: dict[str, Any]
         return
     changes = setting_changes(module, checkpoint)
     own = module.state_dict()
-    wrong_shape = sorted(k for k in set(saved) & set(own) if tuple(saved[k].shape) != tuple(own[k].shape))
+    # A 0-dim value and a 1-element vector fit each other: EDM2's gains became [1] for FSDP2 (a load hook reshapes).
+    wrong_shape = sorted(k for k in set(saved) & set(own) if tuple(saved[k].shape) != tuple(own[k].shape)
+                         and not saved[k].numel() == own[k].numel() == 1)
     unmatched = sorted(k for k in set(saved) ^ set(own) if not k.startswith("fd."))  # FD states stay out
     if not wrong_shape and not unmatched:
         if changes:

@@ -203,7 +203,7 @@ def _default_logger(trainer: Namespace, subcommand: str | None, ckpt_path: Any) 
             class_path="lightning_diffusion.cli_output.TensorBoardCSVLogger",
             init_args=Namespace(save_dir=str(trainer.default_root_dir or os.getcwd()), name="lightning_logs",
                                 version=SLURMEnvironment.job_id(), sub_dir=None))
-    if subcommand not in (None, "fit") and isinstance(ckpt_path, (str, os.PathLike)) and os.path.isfile(ckpt_path):
+    if subcommand not in (None, "fit") and isinstance(ckpt_path, (str, os.PathLike)) and os.path.exists(ckpt_path):
         folder = Path(os.path.abspath(ckpt_path)).parent
         run = folder.parent if folder.name == "checkpoints" else folder  # <run>/checkpoints/x.ckpt -> <run>
         logger.init_args.update(Namespace(save_dir=str(run.parent), name="", version=run.name, sub_dir=subcommand))

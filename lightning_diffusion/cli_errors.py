@@ -26,6 +26,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from .cli_output import TensorBoardCSVLogger
+from .sharded_checkpoint import META, is_sharded_checkpoint
 
 __all__ = ["OneLineErrorParser"]
 
@@ -134,6 +135,11 @@ def _check_ckpt_path(ckpt_path: Any, parser: LightningArgumentParser) -> None:
     if not isinstance(ckpt_path, (str, os.PathLike)) or str(ckpt_path) in _CKPT_NAMES or "://" in str(ckpt_path) \
             or str(ckpt_path).startswith("registry"):
         return
+    if is_sharded_checkpoint(ckpt_path):  # FSDP2's folder: rank 0's meta.pt holds the plain data
+        if not os.path.isfile(os.path.join(ckpt_path, META)):
+            parser.error(f"--ckpt_path: '{ckpt_path}' is a sharded checkpoint folder without its {META}: it is "
+                         f"incomplete; use another checkpoint that fit wrote")
+        ckpt_path = os.path.join(ckpt_path, META)
     if not os.path.isfile(ckpt_path):
         parser.error(f"--ckpt_path: '{ckpt_path}' is not a file; give a checkpoint that fit wrote, "
                      f"e.g. <run>/checkpoints/last.ckpt")

@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from .core.shards import local
+
 __all__ = ["NonFiniteLossError", "DivergenceGuard"]
 
 _NEVER = 2**62  # "no non-finite step seen" in the on-device record of the first bad step
@@ -68,7 +70,7 @@ class DivergenceGuard:
         first = self.first if self.first is not None else torch.full((), _NEVER, dtype=torch.long,
                                                                      device=module.device)
         if weights:
-            finite = torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()
+            finite = torch.stack([local(p).detach().isfinite().all() for p in module.parameters()]).all()  # own shard
             now = torch.tensor(trainer.global_step, device=first.device)  # the update that made them
             first = torch.where(finite, first, torch.minimum(first, now))
         if trainer.world_size > 1:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "temp_path", "remove_stale_temps"]
+__all__ = ["atomic_write", "temp_path", "remove_stale_temps", "replace_path"]
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
@@ -47,13 +48,31 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not _alive(int(match.group(1))):
-            try:
-                os.remove(entry.path)
+        if match and not entry.is_symlink() and not _alive(int(match.group(1))):
+            try:  # a folder: a sharded checkpoint (one file per rank) killed mid-write
+                shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
                 removed.append(Path(entry.path))
             except FileNotFoundError:
                 pass
     return removed
+
+
+def replace_path(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """``os.replace`` for files and folders alike (a sharded checkpoint is a folder).
+
+    A folder cannot be renamed onto an existing one: the old one is first renamed aside, then
+    removed. A crash in between leaves the new folder at ``target`` or the old one beside it
+    (``.<name>.tmp-<pid>``, the name :func:`remove_stale_temps` clears), never neither.
+    """
+    source, target = Path(source), Path(target)
+    if not (source.is_dir() and target.is_dir()):
+        os.replace(source, target)
+        return
+    aside = target.with_name(f".{target.name}.old.tmp-{os.getpid()}")
+    os.replace(target, aside)
+    os.replace(source, target)
+    shutil.rmtree(aside)
+    _fsync_dir(target.parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:

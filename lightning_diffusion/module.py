@@ -34,6 +34,7 @@ from .networks.uncertainty import uncertainty_loss, uncertainty_noise_level
 from .optim import clock_schedulers, group_settings, reapply_settings
 from .protocol import StepOutput, step_output
 from .sampling import DiffusionSampler
+from .sharding import check_strategy, param_dtype_for, shard_module
 from .timesteps import TimestepDistribution
 from .timesteps.defaults import check_timesteps, default_timesteps
 from .validation import bucket_means, validation_losses
@@ -176,6 +177,10 @@ class DiffusionLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup and state
     def configure_model(self) -> None:
+        # FSDP2 (docs/sharding.md): under FSDP2Strategy / ModelParallelStrategy Lightning sets a device
+        # mesh; the network and the uncertainty head are sharded per block, then per root, before compile.
+        if self._device_mesh is not None and self._trainer is not None:
+            shard_module(self, self._device_mesh, (self.net, self.uncertainty), param_dtype_for(self.trainer))
         # In-place nn.Module.compile keeps state_dict keys unchanged (no "_orig_mod." prefix).
         if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
             backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
@@ -183,6 +188,7 @@ class DiffusionLightningModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
+            check_strategy(self._trainer.strategy, type(self).__name__)  # MP layers need real parameters
             ImageClock.attach(self._trainer)  # the one clock every schedule reads (clock.py)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         check_data_fits_net(self.net, datamodule)

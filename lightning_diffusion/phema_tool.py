@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Sequence
 import torch
 
 from .ema import check_sigma_rel, list_snapshots, reconstruct, sigma_rel_to_gamma
+from .sharded_checkpoint import is_sharded_checkpoint, load_whole_checkpoint
 from .io import atomic_write
 
 __all__ = ["main", "find_snapshot_dir", "newest_checkpoint", "rebuild_checkpoint", "rebuild", "sweep"]
@@ -79,10 +80,10 @@ def rebuild(run_dir: str | Path, sigma_rels: Sequence[float], nimg: int | None =
     entries = list_snapshots(find_snapshot_dir(run_dir))
     nimg = nimg if nimg is not None else max(e["nimg"] for e in entries)
     template_path = Path(template) if template else newest_checkpoint(run_dir)
-    template_ckpt = torch.load(template_path, map_location="cpu", weights_only=True) if template_path else None
+    template_ckpt = _read_checkpoint(template_path) if template_path else None
     out_dir = Path(out or Path(run_dir) / "phema_rebuilt")
     paths = []
-    for sigma_rel, weights in zip(sigma_rels, reconstruct([e["file"] for e in entries], sigma_rels, out_nimg=nimg)):
+    for sigma_rel, weights in zip(sigma_rels, reconstruct([e["files"] for e in entries], sigma_rels, out_nimg=nimg)):
         if template_ckpt is not None:
             payload = rebuild_checkpoint(template_ckpt, weights, sigma_rel, nimg)
             path = out_dir / f"phema-{nimg:012d}-{sigma_rel:.4f}.ckpt"
@@ -91,6 +92,13 @@ def rebuild(run_dir: str | Path, sigma_rels: Sequence[float], nimg: int | None =
         atomic_write(path, lambda f, p=payload: torch.save(p, f))
         paths.append(path)
     return paths
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file, or a sharded (FSDP2) checkpoint folder gathered into whole weights on the CPU."""
+    if is_sharded_checkpoint(path):
+        return load_whole_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def validation_metric(config: Sequence[str], ckpt_path: str | Path, metric: str = "val/fd",
@@ -194,7 +202,13 @@ def _list(args: argparse.Namespace) -> None:
     print(f"{directory}:")
     for entry in list_snapshots(directory):
         print(f"  nimg={entry['nimg']:>12d}  sigma_rel={entry['sigma_rel']:.4f}  gamma={entry['gamma']:8.3f}  "
-              f"{entry['dtype']}  {Path(entry['file']).name}")
+              f"{entry['dtype']}  {_files(entry)}")
+
+
+def _files(entry: dict[str, Any]) -> str:
+    """The file name, or for a sharded snapshot the first shard's name and the layout."""
+    name = Path(entry["file"]).name
+    return name if entry["layout"] == "whole" else f"{name} (+{len(entry['files']) - 1} more: {entry['layout']})"
 
 
 def _rebuild(args: argparse.Namespace) -> None:
@@ -250,8 +264,12 @@ def main(args: Sequence[str] | None = None) -> None:
     parsed.cli_args = extra
     try:
         parsed.run(parsed)
-    except ValueError as error:  # bad sigma_rel, refused snapshot file, nothing to reconstruct from
-        raise SystemExit(f"lightning-diffusion-phema: {error}") from None
+    except (ValueError, SystemExit) as error:  # bad sigma_rel, refused or incomplete snapshots, no snapshot folder
+        if isinstance(error, SystemExit) and not isinstance(error.code, str):
+            raise  # argparse's own exits (usage errors: 2, --help: 0)
+        message = error.code if isinstance(error, SystemExit) else str(error)
+        print(f"lightning-diffusion-phema: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diffusion.callbacks import PostHocEMA, TimestepCurriculum
+from lightning_diffusion.core.shards import local
 
 DIGEST_DIR_ENV = "LD_DIGEST_DIR"
 
@@ -38,7 +39,7 @@ def subprocess_env(digest_dir: Path, **extra: str) -> dict[str, str]:
 def _feed(h: Any, value: Any) -> None:
     """Feed a nested state (dicts, lists, tensors, scalars) into a hash, in a fixed order."""
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
+        t = local(value).detach().cpu().contiguous()  # FSDP2: this rank's rows
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(value, dict):

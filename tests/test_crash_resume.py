@@ -117,6 +117,11 @@ def _kill_after(cmd: list[str], digests: Path, step: int) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+def _load(checkpoint: Path) -> dict:
+    """A checkpoint file, or the plain part (``meta.pt``) of a sharded FSDP2 checkpoint folder."""
+    return torch.load(checkpoint / "meta.pt" if checkpoint.is_dir() else checkpoint, weights_only=True)
+
+
 def _newest_checkpoint(log_dir: Path) -> tuple[Path, int]:
     steps = {int(p.stem.rsplit("step=", 1)[1]): p for p in log_dir.glob("checkpoints/*step=*.ckpt")}
     assert steps, f"no checkpoint in {log_dir} before the kill"
@@ -125,13 +130,15 @@ def _newest_checkpoint(log_dir: Path) -> tuple[Path, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sampler, devices, kill_range", [
-    ("loss_aware", 1, (EVERY + 1, STEPS - 4)),
-    ("adaptive", 1, (51, 58)),  # resumes from the checkpoint of step 50, the last batch of epoch 0
-    ("loss_aware", 2, (EVERY + 1, STEPS - 4)),
-], ids=["loss_aware-random_step", "adaptive-after_epoch_end_checkpoint", "ddp2-loss_aware-random_step"])
-def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, sampler, devices, kill_range):
-    """Slow: three CLI runs of 72 steps each (~20 s on one process, ~50 s on two DDP ranks).
+@pytest.mark.parametrize("sampler, strategy, kill_range", [
+    ("loss_aware", None, (EVERY + 1, STEPS - 4)),
+    ("adaptive", None, (51, 58)),  # resumes from the checkpoint of step 50, the last batch of epoch 0
+    ("loss_aware", "ddp", (EVERY + 1, STEPS - 4)),
+    ("adaptive", "fsdp", (EVERY + 1, STEPS - 4)),  # sharded weights, optimizer, EMA; look-ahead on shards
+], ids=["loss_aware-random_step", "adaptive-after_epoch_end_checkpoint", "ddp2-loss_aware-random_step",
+        "fsdp2-adaptive-random_step"])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, sampler, strategy, kill_range):
+    """Slow: three CLI runs of 72 steps each (~20 s on one process, ~50 s on two DDP or FSDP2 ranks).
 
     ``LD_KILL_STEP=<n>`` replays a failure at the step it reports.
     """
@@ -139,13 +146,15 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, sampler, dev
     kill_step = int(os.environ.get("LD_KILL_STEP", 0)) or random.SystemRandom().randint(*kill_range)
     where = f"(killed after step {kill_step}; LD_KILL_STEP={kill_step} reproduces it)"
     config = _config(tmp_path, sampler)
-    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"] if devices == 2 else []
+    devices = 1 if strategy is None else 2
+    ddp = {None: [], "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp"],
+           "fsdp": ["--config", str(ROOT / "configs" / "trainer" / "cpu_fsdp.yaml")]}[strategy]
     reference, crashed, resumed = (tmp_path / name for name in ("reference", "crashed", "resumed"))
 
     _run(_cmd(config, tmp_path / "run_a", *ddp), reference)
     _kill_after(_cmd(config, tmp_path / "run_b", *ddp), crashed, kill_step)
     checkpoint, saved_step = _newest_checkpoint(tmp_path / "run_b" / "lightning_logs" / "version_0")
-    assert saved_step >= EVERY and torch.load(checkpoint, weights_only=True)["global_step"] == saved_step
+    assert saved_step >= EVERY and _load(checkpoint)["global_step"] == saved_step
     phema = tmp_path / "run_b" / "lightning_logs" / "version_0" / "phema"
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in phema.glob("phema-*.pt")}
     _run(_cmd(config, tmp_path / "run_b", *ddp, f"--ckpt_path={checkpoint}"), resumed)

@@ -39,7 +39,7 @@ def ungate(net: EDM2UNet) -> EDM2UNet:
     """Set every learned gain to 1 (they start at 0) so all paths carry signal."""
     with torch.no_grad():
         for p in net.parameters():
-            if p.ndim == 0:
+            if p.numel() == 1:  # emb_gain, out_gain
                 p.fill_(1.0)
     return net
 

@@ -191,8 +191,9 @@ def test_phema_tool_rebuilds_a_checkpoint_validate_accepts(tmp_path, capsys):
         torch.testing.assert_close(raw["state_dict"]["net." + key], value, rtol=1e-5, atol=1e-6)
     module = _module()
     quiet_trainer(limit_val_batches=1).validate(module, _loader(), ckpt_path=paths[1], verbose=False)
-    with pytest.raises(SystemExit, match="sigma_rel"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["rebuild", str(tmp_path), "--sigma_rel", "0.3"])
+    assert exit_info.value.code == 2 and "sigma_rel" in capsys.readouterr().err
 
 
 class _DumpEMA(pl.Callback):

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..io import temp_path
+from ..io import remove_stale_temps, replace_path, temp_path
 from .steps import OptimizerStepGate
 
 __all__ = ["LastCheckpoint", "checkpoint_folder"]
@@ -87,9 +87,11 @@ class LastCheckpoint(Checkpoint):
         path = self.path(trainer)
         local = "://" not in path
         target = str(temp_path(path)) if local else path  # replaced onto path below
+        if local and trainer.is_global_zero:
+            remove_stale_temps(os.path.dirname(path))  # e.g. a sharded save's folder left by a killed run
         trainer.save_checkpoint(target, weights_only=False)
         if local and trainer.is_global_zero:
-            os.replace(target, path)
+            replace_path(target, path)  # a file, or a folder under FSDP2's sharded checkpoints
         trainer.strategy.barrier("LastCheckpoint.save")
         return self._saved(trainer, path)
 

@@ -13,8 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..clock import ImageClock, images_seen
-from ..ema import PowerFunctionEMA, check_sigma_rel, save_snapshot, snapshot_name, write_manifest
+from ..ema import PowerFunctionEMA, check_sigma_rel, snapshot_name, write_manifest
 from ..ema.snapshots import DTYPES, load_manifest
+from ..sharding import check_strategy
+from .ema_shards import load_sharded_averages, sharded_checkpoint_entries, write_once, write_shard_snapshot
 from .steps import OptimizerStepGate
 
 __all__ = ["PostHocEMA"]
@@ -36,8 +38,16 @@ class PostHocEMA(pl.Callback):
         validate_with: the profile (index, or one of ``sigma_rels``) swapped into the network for
             validation and test; ``None`` validates the raw weights.
         offload_to_cpu: keep the averages in CPU memory.
+        gather_snapshots: on a sharded (FSDP2) model, gather each snapshot into one file on global
+            rank 0 instead of writing one file per shard (the default; docs/sharding.md). Unsharded
+            models always write one file.
         module: attribute path of the tracked submodule (``"net"``, ``"model.unet"``); default:
             ``net`` when the LightningModule has one, else the whole module.
+
+    Sharded models (FSDP2, docs/sharding.md): each rank averages its own rows of each parameter, with no
+    gather per step; snapshots are one file per shard plus the manifest (``gather_snapshots=True``: one
+    file); the averages go into the distributed checkpoint as sharded tensors (a gathered checkpoint:
+    whole ones), and ``lightning-diffusion-phema`` rebuilds whole weights from either on one CPU.
 
     Works on any LightningModule: it reads only the tracked parameters and buffers, and the image
     clock (:mod:`lightning_diffusion.clock`), which counts each batch's leading size when the
@@ -60,7 +70,7 @@ class PostHocEMA(pl.Callback):
     def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), update_every_n_steps: int = 1,
                  snapshot_every_nimg: int | None = None, dirpath: str | None = None,
                  snapshot_dtype: str = "float32", validate_with: int | float | None = None,
-                 offload_to_cpu: bool = False, module: str | None = None) -> None:
+                 offload_to_cpu: bool = False, module: str | None = None, gather_snapshots: bool = False) -> None:
         self.sigma_rels = [check_sigma_rel(s, "PostHocEMA.sigma_rels") for s in sigma_rels]
         if update_every_n_steps < 1:
             raise ValueError(f"PostHocEMA.update_every_n_steps={update_every_n_steps} must be >= 1.")
@@ -71,7 +81,7 @@ class PostHocEMA(pl.Callback):
         self.update_every_n_steps, self.snapshot_every_nimg = update_every_n_steps, snapshot_every_nimg
         self.dirpath, self.snapshot_dtype, self.offload_to_cpu = dirpath, snapshot_dtype, offload_to_cpu
         self.validate_index = self._profile_index(validate_with)
-        self.module = module
+        self.module, self.gather_snapshots = module, gather_snapshots
         self.gate = OptimizerStepGate()
         self.ema: PowerFunctionEMA | None = None
         self.prefix = ""
@@ -80,6 +90,9 @@ class PostHocEMA(pl.Callback):
         self._last_step, self._last_nimg, self._next_snapshot = 0, 0, snapshot_every_nimg or 0
         self.snapshots: list[dict[str, Any]] = []
         self._rebuilt: dict[str, Any] | None = None
+        self._root: pl.LightningModule | None = None  # the EMA is made at first use: after FSDP2 sharded the model
+        self._distributed_checkpoint = False  # sharded averages go into the checkpoint's sharded state_dict
+        self._ckpt_path: str | None = None
 
     def _profile_index(self, validate_with: int | float | None) -> int | None:
         if validate_with is None:
@@ -98,34 +111,59 @@ class PostHocEMA(pl.Callback):
 
     # ------------------------------------------------------------------ allocation and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "PostHocEMA")
         ImageClock.attach(trainer)  # the counted images seen: EMA decay and snapshot times read it
-        if self.ema is None:
-            module, self.prefix = _tracked(pl_module, self.module)
-            self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
+        _tracked(pl_module, self.module)  # a wrong module path is one sentence now, not at the first step
+        self._root = pl_module
+        self._distributed_checkpoint = bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
         if stage == "fit" and self.snapshot_every_nimg:
             self._dir(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._root = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.gate.start(trainer)
 
     def _get_ema(self) -> PowerFunctionEMA:
-        assert self.ema is not None, "PostHocEMA is used before setup"
-        if self._pending is not None:  # restored state, applied at first use (after the device move)
-            self.ema.load_state_dict(self._pending)
-            self._pending = None
+        # Made and restored at first use, on every rank at once (a hook, or a checkpoint save): after
+        # Lightning moved the module and FSDP2 sharded it, so the averages are shards, never a full copy.
+        if self.ema is None:
+            assert self._root is not None, "PostHocEMA is used before setup"
+            module, self.prefix = _tracked(self._root, self.module)
+            self.ema = PowerFunctionEMA(module, self.sigma_rels, offload_to_cpu=self.offload_to_cpu)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.ema.load_state_dict(pending)
+            if pending["averages"] is None:  # kept in the distributed checkpoint's sharded state_dict
+                load_sharded_averages(self.ema, self._ckpt_path)
         return self.ema
 
     def state_dict(self) -> dict[str, Any]:
-        ema = self._get_ema().state_dict() if self.ema is not None else self._pending
+        if self.ema is None and self._root is None:
+            ema = self._pending
+        else:
+            averages = "local"
+            if self._get_ema().sharded:
+                averages = "none" if self._distributed_checkpoint else "gathered"
+            ema = self._get_ema().state_dict(averages)
         directory = str(self._directory.resolve()) if self._directory is not None else ""
         return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
                 "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots],
                 "directory": directory}
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A sharded EMA under a distributed checkpoint: its averages join the sharded state_dict, which
+        # every rank writes its part of (the callbacks' state goes to one file on rank 0 only).
+        if self.ema is not None and self.ema.sharded and self._distributed_checkpoint and "state_dict" in checkpoint:
+            checkpoint["state_dict"].update(sharded_checkpoint_entries(self.ema))
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         # A checkpoint from ``lightning-diffusion-phema rebuild`` already holds EMA weights.
         self._rebuilt = checkpoint.get("phema")
+        self._ckpt_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ema"]
@@ -168,19 +206,23 @@ class PostHocEMA(pl.Callback):
     def _write_snapshots(self, trainer: pl.Trainer, ema: PowerFunctionEMA, nimg: int) -> None:
         directory = self._dir(trainer)
         for i, (sigma_rel, gamma) in enumerate(zip(ema.sigma_rels, ema.gammas)):
-            entry = {"file": snapshot_name(nimg, sigma_rel), "nimg": nimg, "sigma_rel": sigma_rel, "gamma": gamma}
-            self.snapshots.append(entry)  # every rank keeps the same list; rank 0 writes
-            path = directory / entry["file"]
-            if not trainer.is_global_zero:
-                continue
-            if path.exists():  # never rewrite a snapshot (e.g. one written before a crash and resume)
-                rank_zero_info(f"PostHocEMA: keeping existing snapshot {path}")
-                continue
-            state = {self.prefix + k: v for k, v in ema.profile_state_dict(i).items()}
-            save_snapshot(path, state, sigma_rel, gamma, nimg, self.snapshot_dtype)
+            if ema.sharded and not self.gather_snapshots:
+                entry = write_shard_snapshot(directory, ema, i, nimg, self.prefix, self.snapshot_dtype)
+            else:
+                entry = {"file": snapshot_name(nimg, sigma_rel), "nimg": nimg, "sigma_rel": sigma_rel, "gamma": gamma}
+                # sharded: every rank takes part in gathering; an unsharded EMA is read on rank 0 only
+                state = ema.gathered_profile_state_dict(i) if ema.sharded else None
+                if trainer.is_global_zero:
+                    state = state if state is not None else ema.profile_state_dict(i)
+                    write_once(directory / entry["file"], {self.prefix + k: v for k, v in state.items()}, sigma_rel,
+                               gamma, nimg, self.snapshot_dtype)
+            self.snapshots.append(entry)  # every rank keeps the same list
+        if ema.sharded:
+            trainer.strategy.barrier("PostHocEMA.snapshots")  # every rank's file is written before the manifest
         if trainer.is_global_zero:
-            # Only files that are here: after a resume into a new folder the earlier ones live elsewhere.
-            known = {e["file"]: e for e in load_manifest(directory) + self.snapshots if (directory / e["file"]).exists()}
+            # Only snapshots whose files are all here: after a resume into a new folder the earlier ones live elsewhere.
+            known = {e["file"]: e for e in load_manifest(directory) + self.snapshots
+                     if all((directory / f).exists() for f in e.get("files", [e["file"]]))}
             write_manifest(directory, list(known.values()))
 
     # ------------------------------------------------------------------ validation and test

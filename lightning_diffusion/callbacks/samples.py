@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..io import atomic_write
+from ..sharding import is_sharded
 
 __all__ = ["SampleGrid", "image_grid", "save_image_grid"]
 
@@ -107,10 +108,13 @@ class SampleGrid(pl.Callback):
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``step_N.png`` and ``last.png`` of the current step, and the same grid in TensorBoard (rank 0)."""
         self._written_step = trainer.global_step
-        if not trainer.is_global_zero:
+        # A sharded model's forward is a collective (FSDP2 gathers each block): every rank samples then.
+        if not (trainer.is_global_zero or is_sharded(pl_module)):
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         images = pl_module.sample(self.num_samples, class_labels=self._labels(pl_module), generator=generator)
+        if not trainer.is_global_zero:
+            return
         image = image_grid(images)
         for name in (f"step_{trainer.global_step:07d}.png", "last.png"):
             self.last_path = atomic_write(self._dir(trainer) / name, lambda f: image.save(f, format="PNG"))

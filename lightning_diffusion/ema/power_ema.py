@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.shards import full_tensor, local, local_rows_of, reshard, shard_spec, to_global
 from .profiles import check_sigma_rel, power_function_beta, sigma_rel_to_gamma
 
 __all__ = ["PowerFunctionEMA"]
@@ -42,12 +43,15 @@ class PowerFunctionEMA:
         self.sigma_rels = [check_sigma_rel(s, "sigma_rels") for s in sigma_rels]
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.module, self.offload_to_cpu = module, offload_to_cpu
+        reshard(module)
         entries = module.state_dict(keep_vars=True)
         self.param_names = [k for k, v in entries.items() if isinstance(v, nn.Parameter) and v.is_floating_point()]
         self.buffer_names = [k for k in entries if k not in set(self.param_names)]
+        # FSDP2: each rank averages its own rows of each parameter (docs/sharding.md); specs say where they go.
+        self.specs = [shard_spec(entries[k]) for k in self.param_names]
         device = torch.device("cpu") if offload_to_cpu else None
         with torch.no_grad():
-            self.averages = [[entries[k].detach().to(device, _average_dtype(entries[k].dtype), copy=True)
+            self.averages = [[local(entries[k]).detach().to(device, _average_dtype(entries[k].dtype), copy=True)
                               for k in self.param_names] for _ in self.sigma_rels]
             self.buffers = [entries[k].detach().to(device, copy=True) for k in self.buffer_names]
         self.nimg, self.num_updates = 0, 0
@@ -55,8 +59,14 @@ class PowerFunctionEMA:
 
     # ------------------------------------------------------------------ update
     def _live(self) -> tuple[list[Tensor], list[Tensor]]:
+        reshard(self.module)  # sharded parameters, never the gathered copies a no-grad forward leaves
         entries = self.module.state_dict(keep_vars=True)
-        return [entries[k] for k in self.param_names], [entries[k] for k in self.buffer_names]
+        return [local(entries[k]) for k in self.param_names], [entries[k] for k in self.buffer_names]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the averages are this rank's FSDP2 rows rather than whole tensors."""
+        return any(spec is not None for spec in self.specs)
 
     def to(self, device: torch.device | str) -> "PowerFunctionEMA":
         """Move the averages (e.g. after Lightning moved the module)."""
@@ -96,6 +106,18 @@ class PowerFunctionEMA:
         return out
 
     @torch.no_grad()
+    def gathered_profile_state_dict(self, index: int, to_cpu: bool = True) -> dict[str, Tensor]:
+        """Profile ``index`` as whole tensors (sharded: gathered one tensor at a time, a collective)."""
+        out = {k: full_tensor(a, spec) for k, a, spec in zip(self.param_names, self.averages[index], self.specs)}
+        out.update({k: b for k, b in zip(self.buffer_names, self.buffers)})
+        return {k: v.detach().to("cpu" if to_cpu else v.device, copy=True) for k, v in out.items()}
+
+    def global_averages(self) -> dict[str, Tensor]:
+        """``{"<profile>.<name>": DTensor}`` views of the sharded averages, for a distributed checkpoint."""
+        return {f"{i}.{k}": to_global(a, spec) for i, averages in enumerate(self.averages)
+                for k, a, spec in zip(self.param_names, averages, self.specs) if spec is not None}
+
+    @torch.no_grad()
     def swap_in(self, index: int) -> None:
         """Copy profile ``index`` into the module (in place); :meth:`swap_out` restores the raw weights."""
         if self._backup is not None:
@@ -131,12 +153,19 @@ class PowerFunctionEMA:
             self.swap_out()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers only: loads with ``torch.load(weights_only=True)``."""
+    def state_dict(self, averages: str = "local") -> dict[str, Any]:
+        """Plain tensors and numbers only: loads with ``torch.load(weights_only=True)``.
+
+        ``averages``: ``"local"`` (this rank's tensors, whole ones when unsharded), ``"gathered"`` (whole
+        tensors; a collective when sharded) or ``"none"`` (kept elsewhere: a distributed checkpoint).
+        """
+        if averages == "gathered":
+            saved = [[full_tensor(a, spec).detach().cpu() for a, spec in zip(avg, self.specs)] for avg in self.averages]
+        else:
+            saved = None if averages == "none" else [[a.detach().clone() for a in avg] for avg in self.averages]
         return {"sigma_rels": list(self.sigma_rels), "nimg": int(self.nimg), "num_updates": int(self.num_updates),
                 "param_names": list(self.param_names), "buffer_names": list(self.buffer_names),
-                "averages": [[a.detach().clone() for a in avg] for avg in self.averages],
-                "buffers": [b.detach().clone() for b in self.buffers]}
+                "averages": saved, "buffers": [b.detach().clone() for b in self.buffers]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -145,8 +174,11 @@ class PowerFunctionEMA:
                              f"this EMA sigma_rels={self.sigma_rels}.")
         if list(state["param_names"]) != self.param_names or list(state["buffer_names"]) != self.buffer_names:
             raise ValueError("EMA state was saved for a module with different parameter or buffer names.")
-        for average, saved in zip(self.averages, state["averages"]):
-            torch._foreach_copy_(average, [s.to(a.device) for s, a in zip(saved, average)])
+        for average, saved in zip(self.averages, state["averages"] or ()):  # None: loaded by the caller (DCP)
+            # whole tensors (a DDP run's, or gathered) into a sharded EMA: this rank's rows of each
+            rows = [s if tuple(s.shape) == tuple(a.shape) else local_rows_of(s, spec)
+                    for s, a, spec in zip(saved, average, self.specs)]
+            torch._foreach_copy_(average, [r.to(a.device) for r, a in zip(rows, average)])
         if self.buffers:
             torch._foreach_copy_(self.buffers, [s.to(b.device) for s, b in zip(state["buffers"], self.buffers)])
         self.nimg, self.num_updates = int(state["nimg"]), int(state["num_updates"])

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..io import atomic_write
 from .profiles import check_sigma_rel, solve_posthoc_coefficients
+from .shard_files import group_snapshots, whole_state
 
 __all__ = ["snapshot_name", "save_snapshot", "load_snapshot", "write_manifest", "load_manifest", "list_snapshots",
            "reconstruct"]
@@ -31,14 +32,19 @@ def snapshot_name(nimg: int, sigma_rel: float) -> str:
 
 
 def save_snapshot(path: str | Path, state_dict: dict[str, Tensor], sigma_rel: float, gamma: float, nimg: int,
-                  dtype: str = "float32") -> Path:
-    """Write one profile atomically; floating tensors are stored in ``dtype`` ("float32" or "float16")."""
+                  dtype: str = "float32", shard: dict[str, Any] | None = None) -> Path:
+    """Write one profile atomically; floating tensors are stored in ``dtype`` ("float32" or "float16").
+
+    ``shard``: the rows' layout when ``state_dict`` holds one rank's FSDP2 shard (:mod:`.shard_files`).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"snapshot dtype={dtype!r} must be one of {sorted(DTYPES)}.")
     tensors = {k: (v.detach().to("cpu", DTYPES[dtype]) if v.is_floating_point() else v.detach().cpu())
                for k, v in state_dict.items()}
     payload = {"sigma_rel": float(sigma_rel), "gamma": float(gamma), "nimg": int(nimg),
                "state_dict": tensors, "dtype": dtype}
+    if shard is not None:
+        payload["shard"] = shard
     path = Path(path)
     return atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -69,14 +75,20 @@ def load_manifest(directory: str | Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text())["snapshots"]) if path.exists() else []
 
 
+def _header(path: str | Path) -> dict[str, Any]:
+    data = load_snapshot(path, mmap=True)
+    shard = data.get("shard")
+    return {"file": str(path), "nimg": int(data["nimg"]), "sigma_rel": float(data["sigma_rel"]),
+            "gamma": float(data["gamma"]), "dtype": str(data["dtype"]), "shard": shard if isinstance(shard, dict) else None}
+
+
 def list_snapshots(directory: str | Path) -> list[dict[str, Any]]:
-    """Headers of every ``phema-*.pt`` in ``directory`` (read from the files, not the manifest)."""
-    entries = []
-    for path in sorted(Path(directory).glob("phema-*.pt")):
-        data = load_snapshot(path, mmap=True)
-        entries.append({"file": str(path), "nimg": int(data["nimg"]), "sigma_rel": float(data["sigma_rel"]),
-                        "gamma": float(data["gamma"]), "dtype": str(data["dtype"])})
-    return sorted(entries, key=lambda e: (e["nimg"], e["sigma_rel"]))
+    """One entry per snapshot in ``directory``, read from the files (not the manifest), in time order.
+
+    Entries: ``{"file", "files", "layout", "nimg", "sigma_rel", "gamma", "dtype"}``; a sharded snapshot
+    (one file per rank, :mod:`.shard_files`) is one entry whose ``files`` are its shards in rank order.
+    """
+    return group_snapshots([_header(path) for path in sorted(Path(directory).glob("phema-*.pt"))])
 
 
 def _select(headers: list[dict[str, Any]], out_nimg: int | None) -> tuple[list[dict[str, Any]], int]:
@@ -89,11 +101,12 @@ def _select(headers: list[dict[str, Any]], out_nimg: int | None) -> tuple[list[d
     return usable, int(out_nimg)
 
 
-def _weighted_sum(files: Sequence[str], weights: Sequence[float], dtype: torch.dtype) -> dict[str, Tensor]:
-    """sum_i w_i theta_i streamed file by file: the accumulator plus one mmapped file in memory."""
+def _weighted_sum(snapshots: Sequence[Sequence[str]], weights: Sequence[float], dtype: torch.dtype
+                  ) -> dict[str, Tensor]:
+    """sum_i w_i theta_i streamed snapshot by snapshot: the accumulator plus one snapshot in memory."""
     acc: dict[str, Tensor] = {}
-    for file, weight in zip(files, weights):
-        state = load_snapshot(file, mmap=True)["state_dict"]
+    for files, weight in zip(snapshots, weights):
+        state = whole_state(files, lambda f: load_snapshot(f, mmap=True))
         for key, value in state.items():
             if not value.is_floating_point():
                 acc[key] = value.clone()  # integer buffers: the latest file wins (files are in time order)
@@ -105,20 +118,23 @@ def _weighted_sum(files: Sequence[str], weights: Sequence[float], dtype: torch.d
     return acc
 
 
-def reconstruct(snapshot_paths: Sequence[str | Path], out_sigma_rels: Sequence[float], out_nimg: int | None = None,
-                dtype: torch.dtype = torch.float32, accumulate_dtype: torch.dtype = torch.float64
-                ) -> list[dict[str, Tensor]]:
+def reconstruct(snapshot_paths: Sequence[str | Path | Sequence[str | Path]], out_sigma_rels: Sequence[float],
+                out_nimg: int | None = None, dtype: torch.dtype = torch.float32,
+                accumulate_dtype: torch.dtype = torch.float64) -> list[dict[str, Tensor]]:
     """Post-hoc EMA weights, one state_dict per requested sigma_rel at ``out_nimg`` (default: the last).
 
-    Uses every snapshot with ``0 < nimg <= out_nimg``; one output at a time, so memory holds at
-    most the accumulator and the file being read (plus the finished outputs returned).
+    Each item of ``snapshot_paths`` is a snapshot file, or the list of a sharded snapshot's files
+    (``list_snapshots(...)[i]["files"]``): the result is whole tensors either way. Uses every snapshot
+    with ``0 < nimg <= out_nimg``; one output at a time, so memory holds at most the accumulator and
+    the snapshot being read (plus the finished outputs returned).
     """
     for s in out_sigma_rels:
         check_sigma_rel(s, "out_sigma_rels")
     headers = []
-    for path in snapshot_paths:
-        data = load_snapshot(path, mmap=True)
-        headers.append({"file": str(path), "nimg": int(data["nimg"]), "sigma_rel": float(data["sigma_rel"])})
+    for item in snapshot_paths:
+        files = [str(item)] if isinstance(item, (str, Path)) else [str(f) for f in item]
+        header = _header(files[0])
+        headers.append({**header, "file": files})
     usable, out_nimg = _select(sorted(headers, key=lambda h: h["nimg"]), out_nimg)
     X = solve_posthoc_coefficients([h["nimg"] for h in usable], [h["sigma_rel"] for h in usable],
                                    out_nimg, out_sigma_rels)

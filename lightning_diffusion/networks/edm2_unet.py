@@ -48,7 +48,7 @@ class EDM2Block(nn.Module):
         self.out_channels, self.flavor, self.resample = out_channels, flavor, resample
         self.num_heads = max(out_channels // channels_per_head, 1) if attention else 0
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
-        self.emb_gain = nn.Parameter(torch.zeros([]))  # scale-only conditioning starts switched off
+        self.emb_gain = nn.Parameter(torch.zeros([1]))  # scale-only conditioning starts switched off
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels, ())
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
@@ -155,7 +155,10 @@ class EDM2UNet(nn.Module):
         self.emb_fourier = MPFourier(widths[0])
         self.emb_noise = MPConv(widths[0], emb_channels, ())
         self.emb_label = MPConv(num_classes, emb_channels, ()) if num_classes else None
-        self.out_gain = nn.Parameter(torch.zeros([]))  # output 0 at init: D(x) = c_skip x
+        # Gains are 1-element vectors, not scalars: FSDP2 cannot shard 0-dim parameters. Checkpoints of
+        # the scalar version still load (reshaped by the hook).
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # output 0 at init: D(x) = c_skip x
+        self._register_load_state_dict_pre_hook(scalar_gains_as_vectors)
         self._build(widths, emb_channels)
 
     def _block(self, cin: int, cout: int, emb: int, flavor: str, resample: str = "keep",
@@ -222,3 +225,9 @@ class EDM2UNet(nn.Module):
             x = block(x, emb)
         return self.conv_out(x, gain=self.out_gain)
 
+
+def scalar_gains_as_vectors(state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load-time hook: ``emb_gain``/``out_gain`` saved as 0-dim scalars (before FSDP2 support) become [1]."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(("emb_gain", "out_gain"))]:
+        if state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.shards import local
+
 __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv"]
 
 
@@ -114,8 +116,14 @@ class MPConv(nn.Module):
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
-        """Forced weight normalization: reset the stored weight to unit RMS per output channel."""
-        self.weight.copy_(normalize(self.weight.float()).to(self.weight.dtype))
+        """Forced weight normalization: reset the stored weight to unit RMS per output channel.
+
+        Under FSDP2 each rank normalizes its own rows (docs/sharding.md): an output channel is one row
+        of dim 0, which FSDP never splits, so the local result is the whole layer's.
+        """
+        weight = local(self.weight)
+        if weight.numel():  # FSDP2 may give a rank no rows of a small layer
+            weight.copy_(normalize(weight.float()).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={tuple(self.weight.shape[2:])}"
