@@ -8,7 +8,8 @@
    (64x64x4, 1000 classes, channel_mult (1, 2, 3, 4), 3 blocks, attention at 16 and 8;
    model_channels 192 = S, 448 = XXL), built on the meta device. Per-rank bytes of fp32
    parameters, gradients, AdamW state (exp_avg, exp_avg_sq) and PostHocEMA's two default
-   profiles (sigma_rels 0.05, 0.10). DDP: every rank holds all of it. FSDP2: the network is
+   profiles (sigma_rels 0.05, 0.10; the bytes PowerFunctionEMA itself allocates on each rank).
+   DDP: every rank holds all of it. FSDP2: the network is
    sharded with ``lightning_diffusion.sharding.shard_module`` under a fake process group of world
    size N and rank 0's ``to_local()`` shards are counted (gradients, optimizer state and EMA
    averages are shaped like the local shards); torch.chunk arithmetic along dim 0 checks that
@@ -87,8 +88,17 @@ def chunk_rank_numel(shapes: list[tuple[int, ...]], world: int) -> list[int]:
     return per_rank
 
 
-def fake_pg_rank0_numel(model_channels: int, world: int) -> int:
-    """Rank 0's local elements after ``shard_module`` under a fake process group of ``world`` ranks."""
+def ema_bytes(net) -> int:
+    """Bytes of the averages PostHocEMA's PowerFunctionEMA allocates for ``net`` (its defaults: 2 profiles)."""
+    from lightning_diffusion.ema import PowerFunctionEMA
+
+    ema = PowerFunctionEMA(net, (0.05, 0.10))  # on the meta device too: shapes are all that is allocated
+    return sum(a.numel() * a.element_size() for averages in ema.averages for a in averages)
+
+
+def fake_pg_rank0_numel(model_channels: int, world: int) -> tuple[int, int]:
+    """Rank 0's local elements after ``shard_module`` under a fake process group of ``world`` ranks,
+    and the bytes of the EMA averages the library's PowerFunctionEMA keeps on that rank."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -99,7 +109,7 @@ def fake_pg_rank0_numel(model_channels: int, world: int) -> int:
     try:
         net = build_edm2(model_channels)
         shard_module(net, init_device_mesh("cpu", (world,)), roots=(net,))
-        return sum(p.to_local().numel() for p in net.parameters())
+        return sum(p.to_local().numel() for p in net.parameters()), ema_bytes(net)
     finally:
         dist.destroy_process_group()
 
@@ -112,8 +122,11 @@ def largest_unit_numel(net) -> int:
     return max(blocks + [sum(p.numel() for p in net.parameters()) - sum(blocks)])
 
 
-def breakdown(numel: int) -> dict[str, int]:
+def breakdown(numel: int, ema: int | None = None) -> dict[str, int]:
+    """fp32 bytes per copy shaped like ``numel`` parameters; ``ema``: the measured EMA bytes, if known."""
     parts = {name: 4 * numel * n for name, n in COPIES.items()}
+    if ema is not None:
+        parts["ema"] = ema
     return {**parts, "total": sum(parts.values())}
 
 
@@ -124,15 +137,15 @@ def memory(world_sizes: list[int]) -> dict:
         shapes = [tuple(p.shape) for p in net.parameters()]
         params = sum(p.numel() for p in net.parameters())
         entry = {"model_channels": channels, "params": params, "paper_params": paper,
-                 "largest_unit_params": largest_unit_numel(net), "ddp": breakdown(params), "fsdp2": {}}
+                 "largest_unit_params": largest_unit_numel(net), "ddp": breakdown(params, ema_bytes(net)), "fsdp2": {}}
         for world in world_sizes:
             per_rank = chunk_rank_numel(shapes, world)
-            local, route = max(per_rank), "chunk arithmetic"
+            local, ema, route = max(per_rank), None, "chunk arithmetic"
             try:
-                local, route = fake_pg_rank0_numel(channels, world), "fully_shard under fake PG (rank 0)"
+                (local, ema), route = fake_pg_rank0_numel(channels, world), "fully_shard under fake PG (rank 0)"
             except Exception as error:  # noqa: BLE001 - any failure of the fake PG falls back to arithmetic
                 route = f"chunk arithmetic (fake PG failed: {type(error).__name__}: {error})"
-            entry["fsdp2"][str(world)] = {**breakdown(local), "route": route, "ratio": params / local,
+            entry["fsdp2"][str(world)] = {**breakdown(local, ema), "route": route, "ratio": params / local,
                                           "largest_rank": per_rank.index(max(per_rank)),
                                           "arithmetic_matches": local == max(per_rank)}
         results[name] = entry

@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, list[str]] = {
                 "--trainer.default_root_dir=outputs/measure_mixture"],
     "stf_variance": [PY, "benchmarks/stf_variance.py"],
     "latents": [PY, "benchmarks/latents.py"],
+    "fsdp_memory": [PY, "benchmarks/fsdp_memory.py", "--world-sizes", "8", "64", "--rounds", "3"],
     "latent_digits": ["lightning-diffusion", "fit", "--config", "configs/latent_digits.yaml",
                       "--trainer.default_root_dir=outputs/measure_latent_digits",
                       "--data.init_args.path=outputs/measure_latent_digits/latents"],  # encodes on first use: timed too

@@ -131,6 +131,8 @@ class DiffusionCLI(LightningCLI):
             if _any_step_ran(self.trainer):
                 raise
             _remove_empty_log_dir(self.trainer)
+            if self.trainer.global_rank:
+                sys.exit(2)  # every rank refuses the same setting; global rank 0 says why
             self.parser.error(str(_root_cause(error)))
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)

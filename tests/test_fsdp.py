@@ -2,8 +2,9 @@
 
 The same seeded run of configs/full_stack.yaml (loss-aware sampler inside the curriculum, STF over
 gathered references, post-hoc EMA with snapshots, LastCheckpoint) with a small EDM2 net (MP layers)
-trains 16 steps three times:
-under DDP, under FSDP2 with one snapshot file per shard, and under FSDP2 with gathered snapshots.
+trains 16 steps four times:
+under DDP, under FSDP2 with one snapshot file per shard, under FSDP2 with gathered snapshots, and
+under HSDP (replicated across two simulated nodes of one rank each).
 FSDP2 must give DDP's weights and EMA profiles to fp32 tolerance (the gradient reduction sums in
 another order); the sharded and gathered snapshot sets must rebuild to the same weights; the
 sharded checkpoint folder must gather to whole weights on one process.
@@ -54,7 +55,7 @@ def _overlay(tmp_path: Path, gather: bool) -> Path:
     return path
 
 
-def _fit(tmp_path: Path, name: str, strategy: str, gather: bool = False) -> Path:
+def _fit(tmp_path: Path, name: str, strategy: str, gather: bool = False, *extra: str) -> Path:
     root = tmp_path / name
     cmd = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(ROOT / "configs" / "full_stack.yaml"),
            "--config", str(TRAINERS[strategy]), "--config", str(_overlay(tmp_path, gather)),
@@ -62,7 +63,7 @@ def _fit(tmp_path: Path, name: str, strategy: str, gather: bool = False) -> Path
            "--model.init_args.sample_steps=2", f"--data.init_args.batch_size={BATCH}", f"--trainer.max_steps={STEPS}",
            f"--trainer.val_check_interval={STEPS}", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-           f"--trainer.default_root_dir={root}"]
+           f"--trainer.default_root_dir={root}", *extra]
     env = subprocess_env(tmp_path / f"digests-{name}", OMP_NUM_THREADS="1")  # the same float reductions each run
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -74,6 +75,26 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     if is_sharded_checkpoint(last):
         return load_whole_checkpoint(last)["state_dict"]
     return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _resume_start(tmp_path: Path, name: str, run: Path, strategy: str, *extra: str) -> dict:
+    """Resume ``run``'s last.ckpt for one more step; the EMA restored at the start, gathered whole."""
+    _fit(tmp_path, name, strategy, False, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+         f"--trainer.max_steps={STEPS + 1}", "--trainer.callbacks+=digest_callback.EMAAtStart", *extra)
+    return torch.load(tmp_path / f"digests-{name}" / "ema-start.pt", weights_only=True)
+
+
+def _sharded_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA averages a sharded checkpoint folder holds (``_phema.<profile>.<name>``), read whole on this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = dcp.FileSystemReader(str(folder))
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith("state_dict._phema.")}
+    state: dict = {}
+    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return {k.removeprefix("_phema."): v for k, v in state["state_dict"].items()}
 
 
 def _val_loss(run: Path) -> float:
@@ -88,9 +109,11 @@ def _snapshots(run: Path) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, capsys):
-    """Slow: three 2-process CLI runs of 16 steps (~25 s each)."""
+    """Slow: four 2-process CLI runs of 16 steps (~20 s each) and two resumed ones."""
     ddp, sharded, gathered = (_fit(tmp_path, "ddp", "ddp"), _fit(tmp_path, "sharded", "fsdp"),
                               _fit(tmp_path, "gathered", "fsdp", gather=True))
+    # HSDP as on several nodes: shard_size=1 makes a (replicate=2, shard=1) mesh, each rank a whole copy
+    hybrid = _fit(tmp_path, "hybrid", "fsdp", False, "--trainer.strategy.init_args.shard_size=1")
 
     # A sharded checkpoint is a folder (one file per rank) that gathers to DDP's weights on one CPU.
     assert is_sharded_checkpoint(sharded / "checkpoints" / "last.ckpt")
@@ -98,6 +121,8 @@ def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, ca
         ["__0_0.distcp", "__1_0.distcp"]
     want, got = _weights(ddp), _weights(sharded)
     assert sorted(got) == sorted(want) and "net.out_gain" in want
+    for key, value in _weights(hybrid).items():
+        torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=f"hybrid {key}")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -109,6 +134,11 @@ def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, ca
     assert all(len(e["files"]) == 2 and e["layout"] == "2 shards" for e in manifest) and len(manifest) == 8
     reference, shards, whole = _snapshots(ddp), _snapshots(sharded), _snapshots(gathered)
     assert sorted(shards) == sorted(reference) == sorted(whole) and len(reference) == 8
+    # HSDP: one shard, written once (by the first replica), not once per node
+    assert {e["layout"] for e in list_snapshots(hybrid / "phema")} == {"1 shards"}
+    for key, state in _snapshots(hybrid).items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, reference[key][name], rtol=1e-4, atol=1e-5, msg=f"hybrid {key} {name}")
     for key, state in reference.items():  # the EMA profiles of FSDP2 are DDP's, to fp32 tolerance
         for name, value in state.items():
             torch.testing.assert_close(shards[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
@@ -128,6 +158,19 @@ def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, ca
     rebuilt = torch.load(capsys.readouterr().out.split()[-1], map_location="cpu", weights_only=True)
     assert sorted(rebuilt["state_dict"]) == sorted(want) and "optimizer_states" not in rebuilt
     assert all(torch.equal(rebuilt["state_dict"][k], v) for k, v in from_shards.items())
+
+    # Resumes on another layout restore the EMA exactly: a DDP checkpoint (whole averages) under FSDP2 on two
+    # ranks, and the 2-rank FSDP2 checkpoint (sharded averages) under FSDP2 on one process.
+    from_ddp = _resume_start(tmp_path, "ddp_to_fsdp", ddp, "fsdp")
+    ddp_state = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PostHocEMA"]["ema"]
+    assert from_ddp["nimg"] == ddp_state["nimg"] == STEPS * 2 * BATCH
+    for i, averages in enumerate(ddp_state["averages"]):
+        for name, value in zip(ddp_state["param_names"], averages):
+            assert torch.equal(from_ddp["averages"][f"{i}.{name}"], value), name
+    from_two = _resume_start(tmp_path, "two_to_one", sharded, "fsdp", "--trainer.devices=1")
+    saved = _sharded_ema(sharded / "checkpoints" / "last.ckpt")
+    assert sorted(saved) == sorted(from_two["averages"]) and len(saved) == 2 * len(ddp_state["param_names"])
+    assert all(torch.equal(from_two["averages"][k], v) for k, v in saved.items())
 
     # forced weight normalization ran on each rank's rows: every MP weight row has unit RMS (docs/algorithms.md 3.1)
     rms = got["net.conv_in.weight"].flatten(1).square().mean(1).sqrt()

@@ -85,6 +85,24 @@ def test_ddp_both_ranks_stop_at_the_same_step(tmp_path):
     assert len(list(tmp_path.glob("lightning_logs/*"))) == 1
 
 
+def test_fsdp2_ranks_stop_together_and_last_ckpt_links_the_sharded_folder(tmp_path):
+    # FSDP2 (docs/sharding.md): checkpoints are folders, one file per rank; last.ckpt becomes a folder of
+    # hard links to the preemption checkpoint's files, not a second write.
+    cmd = [sys.executable, "-m", "lightning_diffusion", "fit", *long_run_args(tmp_path),
+           "--config", str(Path(__file__).resolve().parents[1] / "configs" / "trainer" / "cpu_fsdp.yaml")]
+    result, log_dir = _signal_after_a_few_steps(cmd, tmp_path, signal.SIGUSR1)
+    assert result.returncode == 0, result.stdout[-3000:]
+    saved = list(log_dir.glob("checkpoints/preempted-step=*.ckpt"))
+    assert len(saved) == 1 and saved[0].is_dir(), result.stdout[-3000:]
+    step = int(saved[0].stem.split("=")[1])
+    assert sorted(p.name for p in saved[0].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert torch.load(saved[0] / "meta.pt", weights_only=True)["global_step"] == step
+    last = log_dir / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in last.iterdir()) == sorted(p.name for p in saved[0].iterdir())
+    assert all((last / p.name).samefile(p) for p in saved[0].iterdir())
+    assert not [p for p in last.parent.iterdir() if ".tmp-" in p.name]  # no temporary folder left
+
+
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match=r"PreemptionCheckpoint.signals: 'SIGNOPE' is not a signal here"):
         PreemptionCheckpoint(signals=("SIGNOPE",))

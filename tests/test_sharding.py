@@ -3,6 +3,10 @@ strategy refusals, sharded checkpoint folders in the CLI, and the EDM2 gains FSD
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,3 +148,22 @@ def test_edm2_gains_are_vectors_fsdp2_can_shard_and_scalar_checkpoints_still_loa
     old["out_gain"] = torch.tensor(0.25)
     net.load_state_dict(old)
     assert net.out_gain.shape == (1,) and float(net.out_gain.detach()) == 0.25
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ({"class_path": "lightning_diffusion.sharding.FSDP2Strategy", "init_args": {"shard_size": 3}},
+     "error: FSDP2Strategy.shard_size=3 must divide the number of processes (2 = num_nodes x devices)."),
+], ids=["shard_size"])  # tensor parallelism: the same path (test_tensor_parallel_meshes_are_refused has the sentence)
+def test_layouts_that_cannot_shard_stop_both_ranks_with_one_sentence(tmp_path, strategy, message):
+    overlay = tmp_path / "strategy.yaml"
+    overlay.write_text(json.dumps({"trainer": {"accelerator": "cpu", "devices": 2, "strategy": strategy}}))
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    result = subprocess.run([sys.executable, "-m", "lightning_diffusion", "fit", "--config",
+                             str(root / "configs" / "quickstart.yaml"), "--config", str(overlay),
+                             f"--trainer.default_root_dir={tmp_path / 'run'}"], env=env, capture_output=True,
+                            text=True, timeout=180)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+    run = tmp_path / "run"
+    assert not run.exists() or not any(run.rglob("*"))  # no config, log or checkpoint written

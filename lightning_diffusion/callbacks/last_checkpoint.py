@@ -12,6 +12,7 @@ atomically (temp file + rename), so a crash mid-write keeps the previous ``last.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
@@ -100,15 +101,21 @@ class LastCheckpoint(Checkpoint):
         return path
 
     def _link(self, trainer: pl.Trainer, source: str) -> bool:
-        """Make ``last.ckpt`` a hard link of ``source`` (a checkpoint of this very step): no second write."""
+        """Make ``last.ckpt`` a hard link of ``source`` (a checkpoint of this very step): no second write.
+        A sharded checkpoint folder becomes a folder of hard links."""
         path = self.path(trainer)
         ok = True
         if trainer.is_global_zero:
             tmp = temp_path(path)
             try:
-                os.link(source, tmp)
-                os.replace(tmp, path)
+                if os.path.isdir(source):
+                    shutil.copytree(source, tmp, copy_function=os.link)
+                else:
+                    os.link(source, tmp)
+                replace_path(tmp, path)
             except OSError:  # no hard links here (another file system, remote storage): save instead
+                if os.path.isdir(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
                 ok = False
         if not bool(trainer.strategy.broadcast(ok)):
             return False
@@ -155,7 +162,7 @@ class LastCheckpoint(Checkpoint):
             return
         preempted = next((c.saved_path for c in trainer.callbacks if getattr(c, "saved_step", None) ==
                           trainer.global_step and getattr(c, "saved_path", "") and c is not self), "")
-        if not (preempted and os.path.isfile(preempted) and self._link(trainer, preempted)):
+        if not (preempted and os.path.exists(preempted) and self._link(trainer, preempted)):
             self.save(trainer)
 
     def state_dict(self) -> dict[str, Any]:
