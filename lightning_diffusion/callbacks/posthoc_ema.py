@@ -93,6 +93,7 @@ class PostHocEMA(pl.Callback):
         self._root: pl.LightningModule | None = None  # the EMA is made at first use: after FSDP2 sharded the model
         self._distributed_checkpoint = False  # sharded averages go into the checkpoint's sharded state_dict
         self._ckpt_path: str | None = None
+        self._writer = True
 
     def _profile_index(self, validate_with: int | float | None) -> int | None:
         if validate_with is None:
@@ -116,6 +117,7 @@ class PostHocEMA(pl.Callback):
         _tracked(pl_module, self.module)  # a wrong module path is one sentence now, not at the first step
         self._root = pl_module
         self._distributed_checkpoint = bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
+        self._writer = trainer.is_global_zero
         if stage == "fit" and self.snapshot_every_nimg:
             self._dir(trainer)
 
@@ -144,8 +146,9 @@ class PostHocEMA(pl.Callback):
             ema = self._pending
         else:
             averages = "local"
-            if self._get_ema().sharded:
-                averages = "none" if self._distributed_checkpoint else "gathered"
+            if self._get_ema().sharded:  # whole averages only where the one file is written (global rank 0)
+                averages = "none" if self._distributed_checkpoint else ("gathered" if self._writer else
+                                                                         "gathered_elsewhere")
             ema = self._get_ema().state_dict(averages)
         directory = str(self._directory.resolve()) if self._directory is not None else ""
         return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
@@ -211,7 +214,7 @@ class PostHocEMA(pl.Callback):
             else:
                 entry = {"file": snapshot_name(nimg, sigma_rel), "nimg": nimg, "sigma_rel": sigma_rel, "gamma": gamma}
                 # sharded: every rank takes part in gathering; an unsharded EMA is read on rank 0 only
-                state = ema.gathered_profile_state_dict(i) if ema.sharded else None
+                state = ema.gathered_profile_state_dict(i, keep=trainer.is_global_zero) if ema.sharded else None
                 if trainer.is_global_zero:
                     state = state if state is not None else ema.profile_state_dict(i)
                     write_once(directory / entry["file"], {self.prefix + k: v for k, v in state.items()}, sigma_rel,

@@ -106,11 +106,20 @@ class PowerFunctionEMA:
         return out
 
     @torch.no_grad()
-    def gathered_profile_state_dict(self, index: int, to_cpu: bool = True) -> dict[str, Tensor]:
-        """Profile ``index`` as whole tensors (sharded: gathered one tensor at a time, a collective)."""
-        out = {k: full_tensor(a, spec) for k, a, spec in zip(self.param_names, self.averages[index], self.specs)}
-        out.update({k: b for k, b in zip(self.buffer_names, self.buffers)})
-        return {k: v.detach().to("cpu" if to_cpu else v.device, copy=True) for k, v in out.items()}
+    def gathered_profile_state_dict(self, index: int, keep: bool = True) -> dict[str, Tensor]:
+        """Profile ``index`` as whole CPU tensors (sharded: a collective, gathered one tensor at a time).
+
+        Every rank must call it; ranks with ``keep=False`` drop each whole tensor as soon as it arrived
+        (and return ``{}``), so only the writer holds the whole profile.
+        """
+        out = {}
+        for k, a, spec in zip(self.param_names, self.averages[index], self.specs):
+            whole = full_tensor(a, spec)
+            if keep:
+                out[k] = whole.detach().to("cpu", copy=True)
+        if keep:
+            out.update({k: b.detach().to("cpu", copy=True) for k, b in zip(self.buffer_names, self.buffers)})
+        return out
 
     def global_averages(self) -> dict[str, Tensor]:
         """``{"<profile>.<name>": DTensor}`` views of the sharded averages, for a distributed checkpoint."""
@@ -157,10 +166,13 @@ class PowerFunctionEMA:
         """Plain tensors and numbers only: loads with ``torch.load(weights_only=True)``.
 
         ``averages``: ``"local"`` (this rank's tensors, whole ones when unsharded), ``"gathered"`` (whole
-        tensors; a collective when sharded) or ``"none"`` (kept elsewhere: a distributed checkpoint).
+        tensors; a collective when sharded), ``"none"`` (kept elsewhere: a distributed checkpoint) or
+        ``"gathered_elsewhere"`` (take part in the gathering, keep nothing: a rank that does not write).
         """
-        if averages == "gathered":
-            saved = [[full_tensor(a, spec).detach().cpu() for a, spec in zip(avg, self.specs)] for avg in self.averages]
+        if averages in ("gathered", "gathered_elsewhere"):
+            keep = averages == "gathered"
+            profiles = [self.gathered_profile_state_dict(i, keep) for i in range(len(self.averages))]
+            saved = [[profile[k] for k in self.param_names] for profile in profiles] if keep else []
         else:
             saved = None if averages == "none" else [[a.detach().clone() for a in avg] for avg in self.averages]
         return {"sigma_rels": list(self.sigma_rels), "nimg": int(self.nimg), "num_updates": int(self.num_updates),
