@@ -167,3 +167,17 @@ def test_layouts_that_cannot_shard_stop_both_ranks_with_one_sentence(tmp_path, s
     assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
     run = tmp_path / "run"
     assert not run.exists() or not any(run.rglob("*"))  # no config, log or checkpoint written
+
+
+def test_mixture_metrics_under_sharding_need_equal_shares():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_diffusion import DiffusionLightningModule
+    from lightning_diffusion.callbacks import GaussianMixtureMetrics
+    from lightning_diffusion.data import GaussianMixture
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2, datamodule=None)
+    callback = GaussianMixtureMetrics(mixture=GaussianMixture.digits(), eval_size=1001)
+    module = DiffusionLightningModule(EDM2UNet(model_channels=16))
+    with pytest.raises(ValueError, match=r"eval_size=1001: under sharded training .* multiple of the 2 processes"):
+        callback.setup(trainer, module, "fit")

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..data.mixture import GaussianMixture
@@ -74,6 +75,10 @@ class GaussianMixtureMetrics(pl.Callback):
         if not is_overridden("validation_step", pl_module):  # else Lightning skips validation: a silent no-op
             raise ValueError(f"{name} scores the model at each validation, and {type(pl_module).__name__} has no "
                              "validation_step, so Lightning never validates: add one (it may simply pass).")
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self.eval_size % trainer.world_size:
+            # A sharded forward is a collective: every rank must denoise as many batches as the others.
+            raise ValueError(f"{name}.eval_size={self.eval_size}: under sharded training (FSDP2) every rank scores "
+                             f"an equal share; use a multiple of the {trainer.world_size} processes.")
         if self._conditional is None:
             self._conditional = int(getattr(pl_module, "num_classes", 0) or 0) > 0
         self.evaluation = DenoisingEvaluation(self.mixture, pl_module.process, self.sigmas, self.eval_size,
