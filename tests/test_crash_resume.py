@@ -131,15 +131,15 @@ def _newest_checkpoint(log_dir: Path) -> tuple[Path, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-# Two ranks: sharded weights, optimizer and EMA, the look-ahead on shards; 40 steps cross the epoch boundary
+# Two ranks: sharded weights, optimizer and EMA, the look-ahead on shards; 32 steps cross the epoch boundary
 # (25 steps of 2 x 32 images). DDP's kill-and-resume is exact too: tests/test_foreign_module.py.
 @pytest.mark.parametrize("sampler, strategy, steps, kill_range", [
     ("loss_aware", None, STEPS, (EVERY + 1, STEPS - 4)),
     ("adaptive", None, STEPS, (51, 58)),  # resumes from the checkpoint of step 50, the last batch of epoch 0
-    ("adaptive", "fsdp", 40, (EVERY + 1, 36)),
+    ("adaptive", "fsdp", 32, (EVERY + 1, 28)),
 ], ids=["loss_aware-random_step", "adaptive-after_epoch_end_checkpoint", "fsdp2-adaptive-random_step"])
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, sampler, strategy, steps, kill_range):
-    """Slow: three CLI runs each (~20 s on one process for 72 steps, ~50 s on two FSDP2 ranks for 40).
+    """Slow: three CLI runs each (~20 s on one process for 72 steps, ~45 s on two FSDP2 ranks for 32).
 
     ``LD_KILL_STEP=<n>`` replays a failure at the step it reports.
     """

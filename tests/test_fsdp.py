@@ -7,7 +7,7 @@ trains 16 steps three times: under DDP, under FSDP2 with one snapshot file per s
 FSDP2 and HSDP must give DDP's weights, EMA profiles and validation loss to fp32 tolerance (the
 gradient reduction sums in another order); sharded and gathered snapshots must equal, bit for bit,
 the averages in their runs' checkpoints, and rebuild to the same weights; the sharded checkpoint
-folder must gather to whole weights on one process, and resumes on other layouts must restore the
+folder must gather to whole weights on one process, and a resume on one process must restore the
 EMA exactly.
 """
 
@@ -110,7 +110,7 @@ def _snapshots(run: Path) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, capsys):
-    """Slow: three 2-process CLI runs of 16 steps (~20 s each) and two resumed ones."""
+    """Slow: three 2-process CLI runs of 16 steps (~20 s each) and a resumed one."""
     ddp, sharded = _fit(tmp_path, "ddp", "ddp"), _fit(tmp_path, "sharded", "fsdp")
     # HSDP as on several nodes (shard_size=1: a (replicate=2, shard=1) mesh), with gathered snapshots and a
     # gathered checkpoint: one ordinary file each, written by rank 0
@@ -170,16 +170,11 @@ def test_fsdp2_trains_like_ddp_and_its_snapshots_rebuild_either_way(tmp_path, ca
     assert sorted(rebuilt["state_dict"]) == sorted(want) and "optimizer_states" not in rebuilt
     assert all(torch.equal(rebuilt["state_dict"][k], v) for k, v in from_shards.items())
 
-    # Resumes on another layout restore the EMA exactly: a DDP checkpoint (whole averages) under FSDP2 on two
-    # ranks, and the 2-rank FSDP2 checkpoint (sharded averages) under FSDP2 on one process.
-    from_ddp = _resume_start(tmp_path, "ddp_to_fsdp", ddp, "fsdp")
-    ddp_state = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PostHocEMA"]["ema"]
-    assert from_ddp["nimg"] == ddp_state["nimg"] == STEPS * 2 * BATCH
-    for i, averages in enumerate(ddp_state["averages"]):
-        for name, value in zip(ddp_state["param_names"], averages):
-            assert torch.equal(from_ddp["averages"][f"{i}.{name}"], value), name
+    # A resume on another layout restores the EMA exactly: the 2-rank FSDP2 checkpoint (sharded averages) under
+    # FSDP2 on one process. (Whole averages into rows, and other meshes: tests/test_sharded_networks.py.)
     from_two = _resume_start(tmp_path, "two_to_one", sharded, "fsdp", "--trainer.devices=1")
-    assert sorted(sharded_ema) == sorted(from_two["averages"]) and len(sharded_ema) == 2 * len(ddp_state["param_names"])
+    assert from_two["nimg"] == STEPS * 2 * BATCH
+    assert sorted(sharded_ema) == sorted(from_two["averages"]) and len(sharded_ema) == 2 * len(ema_state["param_names"])
     assert all(torch.equal(from_two["averages"][k], v) for k, v in sharded_ema.items())
 
     # forced weight normalization ran on each rank's rows: every MP weight row has unit RMS (docs/algorithms.md 3.1)

@@ -37,6 +37,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {name: _compare(name) for name in NETS}  # one process group for all: start-up is the cost
+        results["ema"] = _ema_layouts(os.path.dirname(out))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -71,6 +72,42 @@ def _compare(name: str) -> dict[str, float]:
     return result
 
 
+def _ema_layouts(folder: str) -> dict[str, bool]:
+    """Whole EMA averages (a DDP checkpoint's) load into a sharded EMA as its rows; sharded averages saved in a
+    distributed checkpoint load into another layout (HSDP: each rank holds every row): both exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_diffusion.callbacks.ema_shards import load_sharded_averages, sharded_checkpoint_entries
+    from lightning_diffusion.ema import PowerFunctionEMA
+
+    torch.manual_seed(0)
+    whole = NETS["EDM2UNet"]()
+    reference = PowerFunctionEMA(whole, (0.05, 0.10))
+    for nimg, seed in ((100, 1), (150, 2)):  # two updates of moved weights: the two profiles differ
+        with torch.no_grad():
+            for p in whole.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * p.numel())))
+        reference.update(nimg, nimg - reference.nimg)
+    nets = {name: NETS["EDM2UNet"]() for name in ("fsdp", "hsdp")}
+    shard_module(nets["fsdp"], init_device_mesh("cpu", (2,)), roots=(nets["fsdp"],))
+    shard_module(nets["hsdp"], init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")),
+                 roots=(nets["hsdp"],))
+    sharded, other = PowerFunctionEMA(nets["fsdp"], (0.05, 0.10)), PowerFunctionEMA(nets["hsdp"], (0.05, 0.10))
+    sharded.load_state_dict(reference.state_dict())  # whole -> this rank's rows
+    checkpoint = os.path.join(folder, "ema.ckpt")
+    dcp.save({"state_dict": sharded_checkpoint_entries(sharded)}, checkpoint_id=checkpoint)
+    other.load_state_dict(sharded.state_dict("none"))  # counters; the averages come from the folder:
+    load_sharded_averages(other, checkpoint)
+    same = {}
+    for i in range(2):
+        want = reference.profile_state_dict(i)
+        same[f"rows{i}"] = all(torch.equal(v, want[k]) for k, v in sharded.gathered_profile_state_dict(i).items())
+        same[f"relayout{i}"] = all(torch.equal(a, want[k]) for k, a in zip(other.param_names, other.averages[i]))
+    same["distinct"] = not torch.equal(reference.averages[0][0], reference.averages[1][0])
+    return same
+
+
 def _rows(whole: nn.Module, net: nn.Module, grads: bool = True) -> list[torch.Tensor | None]:
     """This rank's rows of each whole parameter (or its gradient), matched to the sharded parameters."""
     rows = []
@@ -96,6 +133,7 @@ def test_every_network_shards_per_block_and_computes_the_same(tmp_path):
     out = tmp_path / "result.pt"
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=2)
     results = torch.load(out, weights_only=True)
+    assert all(results.pop("ema").values())  # EMA restores across layouts, exactly (see _ema_layouts)
     assert sorted(results) == sorted(NETS)
     for name, result in results.items():
         assert result["blocks"] >= 2 and result["sharded"] == result["params"], name  # every parameter a shard
