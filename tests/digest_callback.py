@@ -127,18 +127,3 @@ class StepRecorder(pl.Callback):
         with open(directory / f"steps-rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-
-class EMAAtStart(pl.Callback):
-    """Global rank 0 saves PostHocEMA's averages, gathered whole, as a resumed fit starts (``ema-start.pt`` in
-    ``$LD_DIGEST_DIR``): what a checkpoint of another layout restored, comparable across layouts."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callback = next(c for c in trainer.callbacks if isinstance(c, PostHocEMA))
-        ema = callback._get_ema()  # restores the checkpoint's state now, on every rank (a collective if sharded)
-        whole = {f"{i}.{k}": v for i in range(len(ema.sigma_rels))
-                 for k, v in ema.gathered_profile_state_dict(i).items() if k in ema.param_names}
-        if trainer.is_global_zero:
-            directory = Path(os.environ[DIGEST_DIR_ENV])
-            directory.mkdir(parents=True, exist_ok=True)
-            torch.save({"averages": whole, "nimg": ema.nimg, "num_updates": ema.num_updates},
-                       directory / "ema-start.pt")
