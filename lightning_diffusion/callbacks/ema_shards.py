@@ -9,7 +9,6 @@ rows and a resume on another number of ranks reads the rows it now owns.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..ema import PowerFunctionEMA, save_snapshot, shard_header, shard_snapshot_name
+from ..ema.shard_files import name_layout
 
 __all__ = ["CHECKPOINT_PREFIX", "sharded_checkpoint_entries", "load_sharded_averages", "write_once",
            "write_shard_snapshot"]
@@ -54,8 +54,8 @@ def write_once(path: Path, state: dict[str, Tensor], sigma_rel: float, gamma: fl
     if path.exists():
         rank_zero_info(f"PostHocEMA: keeping existing snapshot {path}")
         return
-    stem, layout = path.name.split(".shard-")[0].removesuffix(".pt"), _layout(path.name)
-    others = [p.name for p in path.parent.glob(f"{stem}*.pt") if _layout(p.name) != layout]
+    stem, layout = name_layout(path.name)
+    others = [p.name for p in path.parent.glob(f"{stem}*.pt") if name_layout(p.name)[1] != layout]
     if others:
         rank_zero_info(f"PostHocEMA: keeping the existing snapshot {others[0]} (another layout) instead of {path.name}")
         return
@@ -78,8 +78,3 @@ def write_shard_snapshot(directory: Path, ema: PowerFunctionEMA, index: int, nim
     return {"file": files[0], "files": files, "nimg": nimg, "sigma_rel": sigma_rel, "gamma": gamma,
             "layout": f"{count} shards"}
 
-
-def _layout(name: str) -> str:
-    """The number of shards in a shard file's name (``"2"``), ``"whole"`` for a whole snapshot's."""
-    match = re.search(r"\.shard-\d+-of-(\d+)\.pt$", name)
-    return str(int(match.group(1))) if match else "whole"

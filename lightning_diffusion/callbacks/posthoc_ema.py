@@ -145,11 +145,11 @@ class PostHocEMA(pl.Callback):
         if self.ema is None and self._root is None:
             ema = self._pending
         else:
-            averages = "local"
-            if self._get_ema().sharded:  # whole averages only where the one file is written (global rank 0)
+            current, averages = self._get_ema(), "local"
+            if current.sharded:  # whole averages only where the one file is written (global rank 0)
                 averages = "none" if self._distributed_checkpoint else ("gathered" if self._writer else
                                                                          "gathered_elsewhere")
-            ema = self._get_ema().state_dict(averages)
+            ema = current.state_dict(averages)
         directory = str(self._directory.resolve()) if self._directory is not None else ""
         return {"ema": ema, "last_step": self._last_step, "last_nimg": self._last_nimg,
                 "next_snapshot_nimg": self._next_snapshot, "snapshots": [dict(s) for s in self.snapshots],

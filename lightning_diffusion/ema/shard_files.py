@@ -11,16 +11,26 @@ every file. :func:`group_snapshots` checks that a set is complete and of one lay
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["shard_snapshot_name", "shard_header", "group_snapshots", "whole_state"]
+__all__ = ["shard_snapshot_name", "name_layout", "shard_header", "group_snapshots", "whole_state"]
+
+_SHARD_NAME = re.compile(r"\.shard-\d+-of-(\d+)\.pt$")
 
 def shard_snapshot_name(nimg: int, sigma_rel: float, index: int, count: int) -> str:
     return f"phema-{int(nimg):012d}-{sigma_rel:.4f}.shard-{index:05d}-of-{count:05d}.pt"
+
+
+def name_layout(name: str) -> tuple[str, str]:
+    """``(stem, layout)`` of a snapshot file's name: ``("phema-<nimg>-<sigma_rel>", "2")`` for a shard of 2,
+    ``(..., "whole")`` for a whole snapshot (the names :func:`shard_snapshot_name` and ``snapshot_name`` write)."""
+    match = _SHARD_NAME.search(name)
+    return (name[:match.start()], str(int(match.group(1)))) if match else (name.removesuffix(".pt"), "whole")
 
 
 def shard_header(names: Sequence[str], offsets: Sequence[int], shapes: Sequence[Sequence[int]], index: int,
